@@ -1,0 +1,197 @@
+r"""Similarities, distances, label masks and the cross-device reference set.
+
+Convention (``STYLE.md`` §3): everything downstream of this module speaks *similarity*,
+larger means closer. A Euclidean user passes :func:`negative_euclidean` (``-||x - y||``), so
+``relu(sim_an - sim_ap + margin)`` is the usual distance triplet hinge as well. Arrays named
+``sim`` hold similarities, arrays named ``dist`` true distances.
+
+All functions are pure, jit-able, vmap-able and have finite gradients for zero and duplicate
+embeddings (the square root gets a floor, the normaliser divides by ``max(norm, eps)``).
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax.typing import ArrayLike
+
+from hnm import _checks
+
+NORM_EPS = 1e-12      # the official SCT code: x / max(||x||, 1e-12)
+SQRT_EPS = 1e-12      # floor of a squared distance under sqrt: finite gradient at 0
+
+
+def l2_normalize(x: ArrayLike, axis: int = -1, eps: float = NORM_EPS) -> jax.Array:
+    r"""Scales rows to unit L2 norm: :math:`x / \max(\lVert x \rVert, \epsilon)`.
+
+    A zero vector stays zero (and has a finite gradient) instead of becoming NaN.
+
+    Examples:
+      >>> l2_normalize(jnp.array([[3.0, 4.0], [0.0, 0.0]]))
+      Array([[0.6, 0.8],
+             [0. , 0. ]], dtype=float32)
+    """
+    x = jnp.asarray(x)
+    sq = jnp.sum(x * x, axis=axis, keepdims=True)
+    # Double-where: sqrt's gradient at 0 is inf, so never evaluate it there.
+    safe_sq = jnp.where(sq > eps * eps, sq, 1.0)
+    norm = jnp.where(sq > eps * eps, jnp.sqrt(safe_sq), eps)
+    return x / norm
+
+
+def _pair(x: ArrayLike, y: ArrayLike | None) -> tuple[jax.Array, jax.Array]:
+    x = jnp.asarray(x)
+    _checks.check_floating_matrix(x, "x")
+    if y is None:
+        return x, x
+    y = jnp.asarray(y)
+    _checks.check_floating_matrix(y, "y")
+    if x.shape[1] != y.shape[1]:
+        raise ValueError(f"`x` and `y` must have the same feature dimension; got "
+                         f"{x.shape} and {y.shape}.")
+    return x, y
+
+
+def dot_similarity(x: ArrayLike, y: ArrayLike | None = None) -> jax.Array:
+    r"""Inner products :math:`S_{ij} = x_i \cdot y_j`, shape [N, M] (``y`` defaults to ``x``)."""
+    x, y = _pair(x, y)
+    return x @ y.T
+
+
+def cosine_similarity(x: ArrayLike, y: ArrayLike | None = None) -> jax.Array:
+    r"""Cosine similarity :math:`S_{ij} = \hat x_i \cdot \hat y_j`, shape [N, M].
+
+    Examples:
+      >>> cosine_similarity(jnp.array([[1.0, 0.0], [1.0, 1.0]]))
+      Array([[1.       , 0.7071067],
+             [0.7071067, 0.9999999]], dtype=float32)
+    """
+    x, y = _pair(x, y)
+    xn = l2_normalize(x)
+    return xn @ (xn if y is x else l2_normalize(y)).T
+
+
+def squared_euclidean_distance(x: ArrayLike, y: ArrayLike | None = None) -> jax.Array:
+    r""":math:`D^2_{ij} = \lVert x_i\rVert^2 + \lVert y_j\rVert^2 - 2 x_i\cdot y_j`, clipped at 0.
+
+    Expanded form: one matmul, O(N M) memory, never an [N, M, D] difference tensor.
+    """
+    x, y = _pair(x, y)
+    x2 = jnp.sum(x * x, axis=1)
+    y2 = x2 if y is x else jnp.sum(y * y, axis=1)
+    return jnp.maximum(x2[:, None] + y2[None, :] - 2.0 * (x @ y.T), 0.0)
+
+
+def safe_sqrt(d2: jax.Array, eps: float = SQRT_EPS) -> jax.Array:
+    """``sqrt`` with a finite gradient at 0: values below ``eps`` map to 0, gradient 0."""
+    safe = jnp.where(d2 > eps, d2, 1.0)
+    return jnp.where(d2 > eps, jnp.sqrt(safe), 0.0)
+
+
+def euclidean_distance(x: ArrayLike, y: ArrayLike | None = None,
+                       squared: bool = False) -> jax.Array:
+    r"""Euclidean distance :math:`D_{ij} = \lVert x_i - y_j \rVert`, shape [N, M].
+
+    Finite gradient for coincident points (the gradient of a zero distance is taken as 0).
+
+    Examples:
+      >>> euclidean_distance(jnp.array([[0.0, 0.0], [3.0, 4.0]]))
+      Array([[0., 5.],
+             [5., 0.]], dtype=float32)
+    """
+    d2 = squared_euclidean_distance(x, y)
+    return d2 if squared else safe_sqrt(d2)
+
+
+def negative_euclidean(x: ArrayLike, y: ArrayLike | None = None) -> jax.Array:
+    """``-euclidean_distance(x, y)``: a Euclidean metric in the similarity convention."""
+    return -euclidean_distance(x, y)
+
+
+def negative_squared_euclidean(x: ArrayLike, y: ArrayLike | None = None) -> jax.Array:
+    """``-euclidean_distance(x, y, squared=True)`` in the similarity convention."""
+    return -squared_euclidean_distance(x, y)
+
+
+SIMILARITIES = {
+    "cosine": cosine_similarity,
+    "dot": dot_similarity,
+    "euclidean": negative_euclidean,
+    "squared_euclidean": negative_squared_euclidean,
+}
+
+
+def get_similarity(name: str):
+    """Looks a similarity up by name (``"cosine"``, ``"dot"``, ``"euclidean"``, ...)."""
+    if name not in SIMILARITIES:
+        raise ValueError(f"unknown `distance`={name!r}; expected one of {sorted(SIMILARITIES)}.")
+    return SIMILARITIES[name]
+
+
+def label_masks(labels: ArrayLike, ref_labels: ArrayLike | None = None, *,
+                query_offset: ArrayLike = 0) -> tuple[jax.Array, jax.Array]:
+    """Positive and negative masks of a query batch against a reference batch.
+
+    ``pos_mask[i, j]`` is true when ``labels[i] == ref_labels[j]`` and ``j`` is not the
+    query's own row in the reference set (``j != i + query_offset``); ``neg_mask[i, j]`` when
+    the labels differ. With the reference set the ``all_gather`` of every device's batch,
+    ``query_offset = axis_index * local_batch`` removes exactly the self-pairs.
+
+    Args:
+      labels: [A] integer labels of the queries (anchors).
+      ref_labels: [M] integer labels of the reference set; defaults to ``labels``.
+      query_offset: row of query 0 inside the reference set (may be traced).
+
+    Returns:
+      ``(pos_mask, neg_mask)``, both bool [A, M].
+    """
+    labels = jnp.asarray(labels)
+    ref_labels = labels if ref_labels is None else jnp.asarray(ref_labels)
+    _checks.check_labels(labels, "labels")
+    _checks.check_labels(ref_labels, "ref_labels")
+    same = labels[:, None] == ref_labels[None, :]
+    rows = jnp.arange(labels.shape[0])[:, None] + query_offset
+    cols = jnp.arange(ref_labels.shape[0])[None, :]
+    return same & (rows != cols), ~same
+
+
+class ReferenceSet(NamedTuple):
+    """What the anchors of one device mine against: every device's rows, or their own."""
+    embeddings: jax.Array   # [M, D]
+    labels: jax.Array       # [M]
+    query_offset: jax.Array  # int32 scalar: row of local anchor 0 inside ``embeddings``
+
+
+def reference_set(embeddings: jax.Array, labels: jax.Array,
+                  axis_name: str | None = None) -> ReferenceSet:
+    """The local batch, or with ``axis_name`` the ``all_gather`` of all devices' batches.
+
+    The gather is differentiable: its transpose sums each device's cotangent back onto the
+    rows it came from, so a loss on local anchors against the global reference set gets the
+    same gradient as one device holding the concatenated batch (after the caller ``psum``s
+    the parameter gradients).
+    """
+    if axis_name is None:
+        return ReferenceSet(embeddings, labels, jnp.zeros((), jnp.int32))
+    ref_emb = jax.lax.all_gather(embeddings, axis_name, tiled=True)
+    ref_labels = jax.lax.all_gather(labels, axis_name, tiled=True)
+    offset = jax.lax.axis_index(axis_name) * embeddings.shape[0]
+    return ReferenceSet(ref_emb, ref_labels, offset.astype(jnp.int32))
+
+
+def global_sum(x: ArrayLike, axis_name: str | None = None) -> jax.Array:
+    """``psum`` over ``axis_name`` when given, else ``x`` itself (single-device code path)."""
+    x = jnp.asarray(x)
+    return x if axis_name is None else jax.lax.psum(x, axis_name)
+
+
+def global_mean_of(total: ArrayLike, count: ArrayLike,
+                   axis_name: str | None = None) -> jax.Array:
+    """This device's share of a global mean: ``total / max(psum(count), 1)``.
+
+    Summed over devices (as the train step does with the gradients) it is the mean over the
+    global batch; with no count anywhere it is 0, never NaN.
+    """
+    denom = jax.lax.stop_gradient(global_sum(count, axis_name)).astype(jnp.result_type(total))
+    return jnp.asarray(total) / jnp.maximum(denom, 1.0)
