@@ -1,0 +1,91 @@
+"""The ``hnm`` command: ``hnm train`` and ``hnm eval``.
+
+  hnm train --config=experiments/digits.py --workdir=/tmp/digits
+  hnm train --config=experiments/cub_sct.py:smoke --workdir=/tmp/smoke --config.seed=1
+  hnm eval --workdir=/tmp/digits
+
+Only parses flags, hides GPUs from TensorFlow (it is used for input pipelines alone), logs the
+devices and calls :func:`hnm.train.train_and_evaluate`. ``hnm eval`` re-reads the run's saved
+``config.json`` and evaluates its newest checkpoint.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Experiment config file, optionally `path:variant`.", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics, plots.")
+_NO_PROGRESS = flags.DEFINE_bool("no_progress", False, "Disable the progress bars.")
+
+USAGE = "usage: hnm {train,eval} --workdir=DIR [--config=experiments/NAME.py[:variant]]"
+
+
+def _hide_gpus_from_tensorflow() -> None:
+    # TensorFlow must not grab accelerator memory that JAX needs; import only if present.
+    if "tensorflow" in sys.modules:
+        sys.modules["tensorflow"].config.set_visible_devices([], "GPU")
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+def format_table(results: dict) -> str:
+    """A Markdown table of the headline evaluation numbers."""
+    keys = [k for k in results if k.startswith("recall@")] + [
+        k for k in ("map@r", "r_precision", "nmi") if k in results]
+    head = "| " + " | ".join(keys) + " |"
+    rule = "|" + "|".join("---" for _ in keys) + "|"
+    row = "| " + " | ".join(f"{100 * results[k]:.2f}" for k in keys) + " |"
+    return "\n".join([head, rule, row])
+
+
+def _load_run_config(workdir: str):
+    import ml_collections
+    path = os.path.join(workdir, "config.json")
+    if not os.path.exists(path):
+        raise app.UsageError(f"{path} not found: is {workdir!r} the work directory of a run?")
+    with open(path) as f:
+        return ml_collections.ConfigDict(json.load(f))
+
+
+def main(argv=None) -> None:
+    app.run(_main, argv=argv)
+
+
+def _main(argv) -> None:
+    command = argv[1] if len(argv) > 1 else None
+    if command not in ("train", "eval") or len(argv) > 2:
+        raise app.UsageError(USAGE)
+    if not _WORKDIR.value:
+        raise app.UsageError("--workdir is required. " + USAGE)
+    _hide_gpus_from_tensorflow()
+    import jax
+
+    from hnm import train
+
+    logging.info("JAX devices: %s (process %d of %d)", jax.devices(), jax.process_index(),
+                 jax.process_count())
+    progress = False if _NO_PROGRESS.value else None
+    if command == "train":
+        if _CONFIG.value is None:
+            raise app.UsageError("--config is required for `hnm train`. " + USAGE)
+        try:
+            results = train.train_and_evaluate(_CONFIG.value, _WORKDIR.value,
+                                               progress=progress)
+        except ValueError as e:  # config errors: one clear line, no traceback
+            sys.exit(f"hnm: error: {e}")
+    else:
+        config = _CONFIG.value or _load_run_config(_WORKDIR.value)
+        results = train.evaluate_checkpoint(config, _WORKDIR.value, progress=progress)
+    if "preempted_at_step" in results:
+        print(f"preempted: checkpoint saved at step {results['preempted_at_step']}")
+        return
+    print(format_table(results))
+    print(f"(written to {os.path.join(_WORKDIR.value, 'eval.json')})")
+
+
+if __name__ == "__main__":
+    main()
