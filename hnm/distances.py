@@ -64,8 +64,8 @@ def cosine_similarity(x: ArrayLike, y: ArrayLike | None = None) -> jax.Array:
 
     Examples:
       >>> cosine_similarity(jnp.array([[1.0, 0.0], [1.0, 1.0]]))
-      Array([[1.       , 0.7071067],
-             [0.7071067, 0.9999999]], dtype=float32)
+      Array([[1.        , 0.70710677],
+             [0.70710677, 0.99999994]], dtype=float32)
     """
     x, y = _pair(x, y)
     xn = l2_normalize(x)

@@ -1,0 +1,212 @@
+"""The training system: pmapped step = single-device step, end to end, resume, faults."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl.testing import absltest
+
+from hnm import checkpoint, models, objectives, train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "experiments"))
+import digits  # noqa: E402  (experiments/digits.py)
+
+
+def _mlp_state(dim=8, image_shape=(4, 4, 1), lr=0.1):
+    model = models.create(dict(backbone="mlp", embedding_dim=dim))
+    tx = train.make_optimizer(dict(name="sgd", learning_rate=lr, momentum=0.9),
+                              train.make_schedule(dict(learning_rate=lr), 10))
+    return train.create_train_state(model, tx, jax.random.key(0), image_shape)
+
+
+def _pk_batch(num_classes=16, k=2, image_shape=(4, 4, 1), seed=0):
+    rng = np.random.default_rng(seed)
+    labels = np.repeat(np.arange(num_classes), k).astype(np.int32)  # class-major
+    images = rng.integers(0, 256, size=(num_classes * k, *image_shape), dtype=np.uint8)
+    return {"images": images, "labels": labels}
+
+
+class PmapStepTest(absltest.TestCase):
+    """One pmapped step on 8 devices equals one step of 1 device on the concatenated batch."""
+
+    def test_pmap_equals_single_device(self):
+        for name in ("sct", "batch_hard", "multi_similarity"):
+            with self.subTest(name):
+                fn = objectives.get(name, axis_name=train.AXIS)
+                batch = _pk_batch()
+                key = jax.random.key(1)
+                results = {}
+                for n_dev in (1, 8):
+                    state = _mlp_state()
+                    step = train.make_train_step(fn, jax.devices()[:n_dev])
+                    new_state, m = step(state, train.shard(batch, n_dev), key)
+                    results[n_dev] = (new_state, m)
+                (s1, m1), (s8, m8) = results[1], results[8]
+                np.testing.assert_allclose(m8["loss"], m1["loss"], rtol=1e-5, atol=1e-6)
+                np.testing.assert_allclose(m8["l2_grads"], m1["l2_grads"], rtol=1e-4)
+                self.assertGreater(float(m1["l2_grads"]), 0.0)  # the step did learn something
+                for a, b in zip(jax.tree.leaves(s8.params), jax.tree.leaves(s1.params)):
+                    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+                self.assertEqual(int(s8.step), 1)
+
+    def test_batch_layout_shards_whole_classes(self):
+        batch = train.shard(_pk_batch(num_classes=16, k=2), 8)
+        self.assertEqual(batch["labels"].shape, (8, 4))
+        for d in range(8):  # each device holds 2 whole classes (a positive for every anchor)
+            _, counts = np.unique(batch["labels"][d], return_counts=True)
+            np.testing.assert_array_equal(counts, [2, 2])
+
+
+def _smoke_config(**train_overrides):
+    c = digits.get_config("smoke")
+    c.train.update(**train_overrides)
+    return c
+
+
+def _final_params(config, workdir):
+    from hnm import data
+    ds = data.build(config.data, seed=config.seed, num_devices=1)
+    model = models.create(config.model)
+    tx = train.make_optimizer(config.optim, train.make_schedule(config.optim, 1))
+    state = train.create_train_state(model, tx, jax.random.key(0), ds.image_shape)
+    mgr = checkpoint.open_manager(workdir)
+    state, meta = checkpoint.restore_or_init(mgr, state)
+    mgr.close()
+    return state, meta
+
+
+class EndToEndTest(absltest.TestCase):
+
+    def test_digits_smoke_trains_evaluates_and_resumes(self):
+        wd = self.create_tempdir().full_path
+        cfg = _smoke_config()
+        out = train.train_and_evaluate(cfg, wd, progress=False)
+        for k in ("recall@1", "recall@8", "map@r", "r_precision", "nmi"):
+            self.assertBetween(out[k], 0.0, 1.0, k)
+        self.assertGreater(out["recall@1"], 0.5)  # 5 classes: chance is ~0.2
+        for f in ("eval.json", "metrics.jsonl", "config.json", "training_curves.png"):
+            self.assertTrue(os.path.exists(os.path.join(wd, f)), f)
+        with open(os.path.join(wd, "metrics.jsonl")) as f:
+            rows = [json.loads(line) for line in f]
+        train_rows = [r for r in rows if "loss" in r]
+        self.assertNotEmpty(train_rows)
+        for key in ("loss", "num_valid", "frac_hard", "mean_sim_ap", "mean_sim_an",
+                    "l2_grads", "l2_params", "learning_rate", "steps_per_s", "images_per_s",
+                    "diag/effective_rank", "diag/separation_violation_max"):
+            self.assertIn(key, train_rows[-1])
+        self.assertEqual(train_rows[-1]["num_valid"], 80.0)  # every anchor of 5 x 16 counts
+        steps = out["step"]
+        # Second run: resumes from the final checkpoint, trains no more steps, same result.
+        out2 = train.train_and_evaluate(cfg, wd, progress=False)
+        self.assertEqual(out2["step"], steps)
+        self.assertAlmostEqual(out2["recall@1"], out["recall@1"], places=6)
+        # A longer schedule resumes and continues from there.
+        cfg.train.num_epochs = 3
+        out3 = train.train_and_evaluate(cfg, wd, progress=False)
+        self.assertGreater(out3["step"], steps)
+
+    def test_config_errors_are_one_line_before_compiling(self):
+        wd = self.create_tempdir().full_path
+        cfg = _smoke_config()
+        cfg.objective.name = "no_such_loss"
+        with self.assertRaisesRegex(ValueError, "no_such_loss"):
+            train.train_and_evaluate(cfg, wd, progress=False)
+        cfg = _smoke_config()
+        cfg.objective.margn = 0.3
+        with self.assertRaisesRegex(ValueError, "margn"):
+            train.train_and_evaluate(cfg, wd, progress=False)
+        cfg = _smoke_config(num_devices=2)  # 5 classes per batch cannot split over 2 devices
+        with self.assertRaisesRegex(ValueError, "classes_per_batch|devices"):
+            train.train_and_evaluate(cfg, wd, progress=False)
+
+    def test_embedding_dim_mismatch_with_checkpoint(self):
+        wd = self.create_tempdir().full_path
+        cfg = _smoke_config(num_epochs=1)
+        train.train_and_evaluate(cfg, wd, progress=False)
+        cfg.model.embedding_dim = 7
+        with self.assertRaisesRegex(ValueError, "does not match the checkpoint"):
+            train.train_and_evaluate(cfg, wd, progress=False)
+
+    def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(self):
+        wd = self.create_tempdir().full_path
+        cfg = _smoke_config(num_epochs=2, log_every=1, ckpt_every=1)
+        cfg.objective = dict(name="batch_hard", normalize=False, distance="euclidean")
+        cfg.optim.update(name="sgd", learning_rate=1e38)  # diverges within a few steps
+        with self.assertRaisesRegex(train.NonFiniteLossError, "non-finite loss"):
+            train.train_and_evaluate(cfg, wd, progress=False)
+        state, _ = _final_params(cfg, wd)
+        for leaf in jax.tree.leaves(state.params):
+            self.assertTrue(np.isfinite(np.asarray(leaf)).all())
+
+
+def _run_cli(workdir, *extra, epochs=8, wait=True):
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1",
+               PYTHONUNBUFFERED="1")
+    cmd = [sys.executable, "-m", "hnm.cli", "train",
+           f"--config={os.path.join(ROOT, 'experiments', 'digits.py')}:smoke",
+           f"--workdir={workdir}", f"--config.train.num_epochs={epochs}",
+           "--config.train.ckpt_every=3", "--config.train.eval_every_epochs=100",
+           "--config.train.log_every=5", *extra]
+    proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    if wait:
+        out, _ = proc.communicate(timeout=300)
+        return proc.returncode, out
+    return proc
+
+
+def _wait_for_checkpoint(workdir, proc, min_step=3, timeout=120):
+    ckpt = os.path.join(workdir, checkpoint.CHECKPOINT_SUBDIR)
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        steps = [int(d) for d in os.listdir(ckpt) if d.isdigit()] if os.path.isdir(ckpt) else []
+        if steps and max(steps) >= min_step:
+            return
+        if proc.poll() is not None:
+            raise AssertionError("run ended before its first checkpoint: "
+                                 + proc.stdout.read()[-2000:])
+        time.sleep(0.05)
+    raise AssertionError("no checkpoint appeared")
+
+
+class KillAndResumeTest(absltest.TestCase):
+    """SIGKILL mid-run + resume gives bit-identical parameters; SIGTERM saves and exits."""
+
+    def test_sigkill_resume_is_bit_identical_and_sigterm_saves(self):
+        ref_dir, kill_dir, term_dir = (self.create_tempdir().full_path for _ in range(3))
+        rc, out = _run_cli(ref_dir)
+        self.assertEqual(rc, 0, out[-3000:])
+        proc = _run_cli(kill_dir, wait=False)
+        _wait_for_checkpoint(kill_dir, proc)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        rc, out = _run_cli(kill_dir)
+        self.assertEqual(rc, 0, out[-3000:])
+        cfg = _smoke_config(num_epochs=8)
+        ref, _ = _final_params(cfg, ref_dir)
+        res, _ = _final_params(cfg, kill_dir)
+        self.assertEqual(int(ref.step), int(res.step))
+        for a, b in zip(jax.tree.leaves(ref.params), jax.tree.leaves(res.params)):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+        # A long run (thousands of steps) cannot finish before the signal arrives.
+        proc = _run_cli(term_dir, epochs=1000, wait=False)
+        _wait_for_checkpoint(term_dir, proc)
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=120)
+        self.assertEqual(proc.returncode, 0, out[-3000:])
+        self.assertIn("preempted: checkpoint saved at step", out)
+        step = int(out.split("checkpoint saved at step")[1].split()[0])
+        state, _ = _final_params(cfg, term_dir)
+        self.assertEqual(int(state.step), step)
+        self.assertLess(step, 1000 * 11)
+
+
+if __name__ == "__main__":
+    absltest.main()
