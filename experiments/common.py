@@ -61,7 +61,8 @@ def official_config(dataset: str, method: str, variant: str = ""):
     c = base_config()
     c.data.update(source=r["source"], name=r["name"], classes_per_batch=r["batch"] // 2,
                   samples_per_class=2, image_size=256, train_resize=281, augment=True)
-    c.model.update(backbone="resnet50", embedding_dim=r["dim"], pretrained="keras_imagenet")
+    c.model.update(backbone="resnet50", embedding_dim=r["dim"], keras_compatible=True,
+                   pretrained="keras_imagenet")
     c.objective = ml_collections.ConfigDict(dict(METHODS[method]))
     c.optim.update(name="sgd", learning_rate=r["lr"][method], momentum=0.0,
                    decay_at=r["decay_at"], decay_factor=0.1)
@@ -71,7 +72,7 @@ def official_config(dataset: str, method: str, variant: str = ""):
     if variant == "smoke":  # seconds on CPU: tiny images and batches, used by tests on mock data
         c.data.update(classes_per_batch=8, samples_per_class=2, image_size=32,
                       train_resize=36, max_examples=64)
-        c.model.update(backbone="cnn", embedding_dim=16, pretrained="")
+        c.model.update(backbone="cnn", embedding_dim=16, keras_compatible=False, pretrained="")
         c.train.update(num_epochs=1, log_every=1, eval_every_epochs=1, ckpt_every=2)
         c.eval.update(recall_ks=(1, 2), batch_size=32)
     elif variant:

@@ -248,12 +248,37 @@ def _model_signature(config) -> dict:
                                  else dict(config.model)))
 
 
+def model_config(config) -> dict:
+    """``config.model`` minus ``pretrained`` (handled by :func:`load_pretrained`)."""
+    cfg = dict(config.model)
+    cfg.pop("pretrained", None)
+    return cfg
+
+
+def load_pretrained(state: TrainState, config) -> TrainState:
+    """Copies ImageNet weights into a fresh state when ``model.pretrained`` asks for them.
+
+    ``"keras_imagenet"``: ``keras.applications.ResNet50`` weights (downloaded by Keras on the
+    user's machine) into the Keras-compatible Flax ResNet-50.
+    """
+    which = config.model.get("pretrained", "")
+    if not which:
+        return state
+    if which != "keras_imagenet":
+        raise ValueError(f"unknown `model.pretrained`={which!r}; expected '' or "
+                         "'keras_imagenet'.")
+    variables = models.load_keras_resnet50(
+        {"params": state.params, "batch_stats": state.batch_stats})
+    return state.replace(params=variables["params"], batch_stats=variables["batch_stats"],
+                         opt_state=state.tx.init(variables["params"]))
+
+
 def check_config(config) -> None:
     """Fails in one line, before anything compiles, on an unknown objective or option."""
     opts = dict(config.objective)
     name = opts.pop("name")
     objectives.get(name, **opts)
-    models.create(config.model)
+    models.create(model_config(config))
 
 
 def build_objective(config, axis_name: str | None = AXIS) -> Callable:
@@ -279,12 +304,14 @@ def train_and_evaluate(config, workdir: str, *, progress: bool | None = None) ->
     ds = data.build(config.data, seed=config.seed, num_devices=n_dev)
     total_steps = int(config.train.num_epochs * ds.steps_per_epoch)
     schedule = make_schedule(config.optim, total_steps)
-    model = models.create(config.model)
+    model = models.create(model_config(config))
     key = jax.random.key(config.seed)
     init_key, step_key = jax.random.split(key)
     state = create_train_state(model, make_optimizer(config.optim, schedule), init_key,
                                ds.image_shape)
     manager = checkpoint.open_manager(workdir, max_to_keep=config.train.get("keep", 3))
+    if manager.latest_step() is None:  # fresh run: start from pretrained weights if asked
+        state = load_pretrained(state, config)
     meta = checkpoint.restore_meta(manager)
     if meta is not None and meta.get("model") != _model_signature(config):
         raise ValueError(f"the model config {_model_signature(config)} does not match the "
@@ -304,7 +331,17 @@ def train_and_evaluate(config, workdir: str, *, progress: bool | None = None) ->
     eval_every = max(1, int(config.train.eval_every_epochs * ds.steps_per_epoch))
     metrics_path = os.path.join(workdir, "metrics.jsonl")
 
-    def save(step, force=False):
+    def check_finite(m, step):
+        # A diverged state is never logged as good nor checkpointed: the last good one stays.
+        if not (np.isfinite(float(m["loss"])) and np.isfinite(float(m["l2_params"]))):
+            manager.wait_until_finished()
+            raise NonFiniteLossError(
+                f"non-finite loss {float(m['loss'])} (or parameters) between steps "
+                f"{last_good} and {step}; the last good checkpoint (step "
+                f"{manager.latest_step()}) is kept.")
+
+    def save(step, m, force=False):
+        check_finite(m, step)
         checkpoint.save(manager, step, state, {"sampler": [int(x) for x in sampler],
                                                "model": _model_signature(config)}, force=force)
 
@@ -320,11 +357,7 @@ def train_and_evaluate(config, workdir: str, *, progress: bool | None = None) ->
                 bar.update(1)
             if step % log_every == 0 or step == total_steps:
                 m = _host_metrics(m)
-                if not np.isfinite(m["loss"]):
-                    manager.wait_until_finished()
-                    raise NonFiniteLossError(
-                        f"non-finite loss {m['loss']} between steps {last_good} and {step}; "
-                        f"the last good checkpoint (step {manager.latest_step()}) is kept.")
+                check_finite(m, step)
                 last_good = step
                 dt = time.perf_counter() - t0
                 emb = p_embed(state, batch["images"])
@@ -339,13 +372,7 @@ def train_and_evaluate(config, workdir: str, *, progress: bool | None = None) ->
                     bar.set_postfix(loss=f"{m['loss']:.4f}", hard=f"{m['frac_hard']:.2f}")
                 t0, t_steps = time.perf_counter(), step
             if step % ckpt_every == 0 or preempt.requested:
-                # Never checkpoint a diverged state: the last good checkpoint must survive.
-                if not np.isfinite(float(m["loss"])):
-                    manager.wait_until_finished()
-                    raise NonFiniteLossError(
-                        f"non-finite loss between steps {last_good} and {step}; the last good "
-                        f"checkpoint (step {manager.latest_step()}) is kept.")
-                save(step)
+                save(step, m)
             if preempt.requested:
                 manager.wait_until_finished()
                 return {"preempted_at_step": step}
@@ -356,7 +383,7 @@ def train_and_evaluate(config, workdir: str, *, progress: bool | None = None) ->
     if bar is not None:
         bar.close()
     if manager.latest_step() != step:
-        save(step, force=True)
+        save(step, m, force=True)
     manager.wait_until_finished()
     final = evaluate(state, ds.eval_sets(), config.eval, p_embed, n_dev, progress)
     final["step"] = step
@@ -376,7 +403,7 @@ def evaluate_checkpoint(config, workdir: str, *, progress: bool | None = None) -
     devices = select_devices(config)
     n_dev = len(devices)
     ds = data.build(config.data, seed=config.seed, num_devices=n_dev)
-    model = models.create(config.model)
+    model = models.create(model_config(config))
     tx = make_optimizer(config.optim, make_schedule(config.optim, 1))
     state = create_train_state(model, tx, jax.random.key(config.seed), ds.image_shape)
     manager = checkpoint.open_manager(workdir)

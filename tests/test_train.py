@@ -72,7 +72,7 @@ def _smoke_config(**train_overrides):
 def _final_params(config, workdir):
     from hnm import data
     ds = data.build(config.data, seed=config.seed, num_devices=1)
-    model = models.create(config.model)
+    model = models.create(train.model_config(config))
     tx = train.make_optimizer(config.optim, train.make_schedule(config.optim, 1))
     state = train.create_train_state(model, tx, jax.random.key(0), ds.image_shape)
     mgr = checkpoint.open_manager(workdir)

@@ -1,0 +1,128 @@
+"""Hard negatives, hard but useful (Xuan et al., ECCV 2020) at laptop scale.
+
+Trains ``ephn``, ``epshn``, ``sct``, ``batch_hard``, ``semihard`` and ``multi_similarity``
+with one budget on the embedded data sets over several seeds and reports R@1, MAP@R, whether
+the run collapsed, and ``frac_hard`` over training, as mean +- std over seeds.
+
+  python experiments/hard_negatives.py --out runs/hard_negatives          # glyphs, 3 seeds
+  python experiments/hard_negatives.py --out runs/hn_digits --dataset digits
+
+Writes ``OUT/table.md``, ``OUT/table.json``, ``OUT/frac_hard.png`` and ``OUT/recall.png``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import numpy as np
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+sys.path.insert(0, os.path.dirname(HERE))
+
+import collapse_sweep  # noqa: E402
+import digits as digits_config  # noqa: E402
+import glyphs as glyphs_config  # noqa: E402
+
+OBJECTIVES = ("ephn", "epshn", "sct", "batch_hard", "semihard", "multi_similarity")
+CONFIGS = {"glyphs": glyphs_config, "digits": digits_config}
+
+
+def run_config(dataset: str, objective: str, seed: int, epochs: int, dim: int, tiny: bool):
+    c = CONFIGS[dataset].get_config()
+    c.seed = seed
+    c.objective = dict(name=objective)
+    c.model.update(embedding_dim=dim)
+    c.train.update(num_epochs=epochs, eval_every_epochs=max(1, epochs // 4), log_every=10,
+                   ckpt_every=10 ** 6, num_devices=1)
+    if tiny:
+        c.data.update(max_examples=600 if dataset == "glyphs" else 0)
+        c.train.update(log_every=2, eval_every_epochs=1)
+    return c
+
+
+def summarise(rows: list[dict]) -> list[dict]:
+    out = []
+    for obj in dict.fromkeys(r["objective"] for r in rows):
+        sub = [r for r in rows if r["objective"] == obj]
+        s = {"objective": obj, "seeds": len(sub),
+             "collapsed": f"{sum(r['collapsed'] for r in sub)}/{len(sub)}"}
+        for k in ("r@1", "map@r", "final_frac_hard", "separation_violation_max"):
+            v = np.array([r[k] for r in sub], float)
+            s[k] = f"{v.mean():.3f} ± {v.std():.3f}"
+        out.append(s)
+    return out
+
+
+def _curves(workdir: str) -> list[dict]:
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def plot_curves(runs: dict[str, list[list[dict]]], path: str, key: str, ylabel: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for obj, seeds in runs.items():
+        xs = [np.array([r["step"] for r in rows if key in r]) for rows in seeds]
+        ys = [np.array([r[key] for r in rows if key in r]) for rows in seeds]
+        n = min(len(x) for x in xs)
+        if n == 0:
+            continue
+        y = np.stack([v[:n] for v in ys])
+        ax.plot(xs[0][:n], y.mean(0), label=obj)
+        ax.fill_between(xs[0][:n], y.mean(0) - y.std(0), y.mean(0) + y.std(0), alpha=0.2)
+    ax.set_xlabel("training step")
+    ax.set_ylabel(ylabel)
+    ax.set_title(f"{ylabel} during training (mean ± std over seeds)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None) -> list[dict]:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--out", default="runs/hard_negatives")
+    p.add_argument("--dataset", choices=sorted(CONFIGS), default="glyphs")
+    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--epochs", type=int, default=6)
+    p.add_argument("--dim", type=int, default=64)
+    p.add_argument("--objectives", default=",".join(OBJECTIVES))
+    p.add_argument("--tiny", action="store_true", help="a few seconds per run (tests)")
+    args = p.parse_args(argv)
+    os.makedirs(args.out, exist_ok=True)
+    objectives = args.objectives.split(",")
+    rows, curves, t0 = [], {}, time.time()
+    for obj in objectives:
+        for seed in range(args.seeds):
+            wd = os.path.join(args.out, f"{args.dataset}_{obj}_s{seed}")
+            cfg = run_config(args.dataset, obj, seed, args.epochs, args.dim, args.tiny)
+            row = {"objective": obj, "seed": seed, **collapse_sweep.run_cell(cfg, wd)}
+            rows.append(row)
+            curves.setdefault(obj, []).append(_curves(wd))
+            print(f"{obj:>16s} seed {seed}: R@1={row['r@1']:.3f} MAP@R={row['map@r']:.3f} "
+                  f"collapsed={row['collapsed']} ({time.time() - t0:.0f}s)", flush=True)
+    table = summarise(rows)
+    keys = ["objective", "seeds", "r@1", "map@r", "collapsed", "final_frac_hard",
+            "separation_violation_max"]
+    md = collapse_sweep.markdown_table(table, keys)
+    with open(os.path.join(args.out, "table.json"), "w") as f:
+        json.dump({"runs": rows, "summary": table}, f, indent=2)
+    with open(os.path.join(args.out, "table.md"), "w") as f:
+        f.write(md + "\n")
+    plot_curves(curves, os.path.join(args.out, "frac_hard.png"), "frac_hard",
+                "frac_hard (mined negative closer than positive)")
+    plot_curves(curves, os.path.join(args.out, "recall.png"), "eval/recall@1", "test R@1")
+    print(md)
+    return table
+
+
+if __name__ == "__main__":
+    main()
