@@ -1,0 +1,466 @@
+r"""Pictures of triplet geometry, training runs and collapse sweeps (matplotlib, lazily).
+
+matplotlib is imported inside each function and figures are built with
+``matplotlib.figure.Figure`` (rendered by Agg), never with ``pyplot``: no global state, no
+display needed, safe in tests and on servers. Each ``plot_*`` writes a PNG and returns the
+``Figure`` so that callers (and tests) can inspect it; the panel axes carry ``gid="panel"``.
+
+* :func:`plot_gradient_fields` — the descent direction
+  :math:`(-\partial\ell/\partial S_{ap}, -\partial\ell/\partial S_{an})` of several losses over
+  the :math:`(S_{ap}, S_{an})` square (Xuan et al. 2020, Fig. 2), hard region shaded.
+* :func:`plot_distance_rates` — how fast one gradient step changes
+  :math:`\lVert f_a - f_n\rVert` (:func:`hnm.analysis.embedding_gradients`); negative (red)
+  means the negative is pulled toward the anchor: the collapse mechanism.
+* :func:`plot_training_curves` — loss, ``frac_hard``, R@1 over steps from metrics rows.
+* :func:`plot_phase_diagram` — a sweep table as a heat map, collapsed cells hatched.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import math
+import os
+from typing import Any, Callable, Mapping, NamedTuple, Sequence
+
+import numpy as np
+
+from hnm import analysis
+
+PANEL_GID = "panel"
+DEFAULT_CURVE_KEYS = ("loss", "frac_hard", "recall@1")
+_HARD_COLOUR = "#d62728"
+_REGION_COLOUR = "#2ca02c"
+_PULL_COLOUR, _PUSH_COLOUR = "#b2182b", "#2166ac"   # the two ends of ``RdBu``
+
+
+class LossPanel(NamedTuple):
+    """One loss to draw, with what a reader needs to interpret it.
+
+    ``region(sim_ap, sim_an) -> bool array``: where the miner paired with this loss can
+    produce triplets (e.g. the semi-hard band); arrows elsewhere are greyed out. ``hlines``:
+    ``((S_an value, label), ...)`` thresholds to draw (e.g. SCT's hard threshold).
+    """
+    loss_fn: Callable[[Any, Any], Any]
+    region: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None
+    region_label: str = "triplets the miner can produce"
+    hlines: tuple[tuple[float, str], ...] = ()
+
+
+def _as_panel(value: Any, name: str) -> LossPanel:
+    if isinstance(value, LossPanel):
+        return value
+    if callable(value):
+        return LossPanel(value)
+    raise TypeError(f"`loss_fns[{name!r}]` must be a callable or a LossPanel; "
+                    f"got {type(value).__name__}.")
+
+
+def _check_loss_fns(loss_fns: Any) -> dict[str, LossPanel]:
+    if not isinstance(loss_fns, Mapping) or not loss_fns:
+        raise ValueError("`loss_fns` must be a non-empty dict {title: loss_fn or LossPanel}; "
+                         f"got {loss_fns!r}.")
+    return {str(k): _as_panel(v, k) for k, v in loss_fns.items()}
+
+
+def _check_grid(grid: Any) -> None:
+    if not isinstance(grid, int) or isinstance(grid, bool) or grid < 3:
+        raise ValueError(f"`grid` must be an int >= 3 (points per axis); got {grid!r}.")
+
+
+def _check_path(path: Any) -> str:
+    path = os.fspath(path)
+    if not path.lower().endswith(".png"):
+        raise ValueError(f"`path` must name a .png file; got {path!r}.")
+    parent = os.path.dirname(path)
+    if parent:
+        os.makedirs(parent, exist_ok=True)
+    return path
+
+
+def standard_loss_panels(margin: float = 0.2, temperature: float = 0.1,
+                         hard_weight: float = 1.0, hard_threshold: float = 0.8
+                         ) -> dict[str, LossPanel]:
+    """The four losses of Xuan et al.'s comparison, as :func:`plot_gradient_fields` input.
+
+    ``ephn``: soft triplet (official EPHN form) on easy-positive/hard-negative triplets;
+    ``batch_hard``: hinge on the hardest triplets; ``semihard``: hinge, but the semi-hard miner
+    only yields :math:`S_{ap} - m < S_{an} < S_{ap}` (shaded band; its fallback, the farthest
+    negative, has zero hinge gradient); ``sct``: Selectively Contrastive Triplet loss.
+    Imports ``hnm.losses`` when called.
+    """
+    from hnm import losses  # pylint: disable=import-outside-toplevel
+    semihard_band = lambda s_ap, s_an: (s_an < s_ap) & (s_an > s_ap - margin)
+    return {
+        f"ephn: soft triplet, T={temperature:g}": LossPanel(
+            functools.partial(losses.soft_triplet_loss, temperature=temperature)),
+        f"batch_hard: hinge, m={margin:g}": LossPanel(
+            functools.partial(losses.triplet_margin_loss, margin=margin)),
+        f"semihard: hinge, m={margin:g}": LossPanel(
+            functools.partial(losses.triplet_margin_loss, margin=margin),
+            region=semihard_band,
+            region_label="semi-hard band (what the miner yields)"),
+        f"sct: T={temperature:g}, λ={hard_weight:g}": LossPanel(
+            functools.partial(losses.sct_loss, temperature=temperature,
+                              hard_weight=hard_weight, hard_threshold=hard_threshold),
+            hlines=((hard_threshold, f"SCT hard threshold S_an = {hard_threshold:g}"),)),
+    }
+
+
+def _square_axes(ax, title: str) -> None:
+    ax.set_xlim(-1, 1)
+    ax.set_ylim(-1, 1)
+    ax.set_aspect("equal")
+    ax.set_xlabel("S_ap  (anchor–positive cosine)")
+    ax.set_ylabel("S_an  (anchor–negative cosine)", labelpad=1)
+    ax.set_title(title, fontsize=10)
+    ax.set_gid(PANEL_GID)
+
+
+def _shade_hard(ax) -> None:
+    """Light red over S_an > S_ap, with the diagonal drawn."""
+    ax.fill([-1, 1, -1], [-1, 1, 1], color=_HARD_COLOUR, alpha=0.10, lw=0,
+            label="hard triplets: S_an > S_ap", zorder=0)
+    ax.plot([-1, 1], [-1, 1], color=_HARD_COLOUR, lw=1, ls="--", zorder=1)
+
+
+def _arrow_cmap():
+    """viridis without its pale yellow end, so every arrow shows on white and on pink."""
+    from matplotlib import colormaps, colors  # pylint: disable=import-outside-toplevel
+    return colors.ListedColormap(colormaps["viridis"](np.linspace(0.0, 0.8, 256)))
+
+
+def _figure(ncols: int, nrows: int, panel_w: float, panel_h: float, extra_h: float):
+    from matplotlib.figure import Figure  # pylint: disable=import-outside-toplevel
+    fig = Figure(figsize=(panel_w * ncols, panel_h * nrows + extra_h))
+    axes = fig.subplots(nrows, ncols, squeeze=False)
+    return fig, axes
+
+
+def _figure_legend(fig, axes, ncol: int) -> None:
+    handles, labels = {}, []
+    for ax in axes:
+        for h, lab in zip(*ax.get_legend_handles_labels()):
+            if lab not in handles:
+                handles[lab] = h
+                labels.append(lab)
+    if labels:
+        fig.legend([handles[lab] for lab in labels], labels, loc="lower center", ncol=ncol,
+                   frameon=False, fontsize=9)
+
+
+def plot_gradient_fields(loss_fns: Mapping[str, Any], path: str | os.PathLike, grid: int = 17,
+                         *, dpi: int = 100, panel_size: float = 4.2):
+    r"""Side-by-side descent fields :math:`(-\partial\ell/\partial S_{ap},
+    -\partial\ell/\partial S_{an})` of several losses over :math:`[-1, 1]^2`.
+
+    Arrows show the direction in which one gradient step moves a triplet in the
+    :math:`(S_{ap}, S_{an})` plane (normalised length); their colour is the gradient norm
+    (each panel has its own colour bar, since a soft loss at T = 0.1 is ten times steeper
+    than a hinge). Dots mark zero gradient. The hard region :math:`S_{an} > S_{ap}` is shaded
+    red; a ``LossPanel.region`` is shaded green and arrows outside it are greyed out.
+
+    Args:
+      loss_fns: ``{title: loss_fn or LossPanel}``; e.g. :func:`standard_loss_panels`.
+      path: output ``.png`` path (parent directories are created).
+      grid: arrows per axis.
+      dpi: resolution; the PNG is ``panel_size * len(loss_fns) * dpi`` pixels wide.
+      panel_size: inches per panel.
+
+    Returns:
+      The saved ``matplotlib.figure.Figure``.
+
+    Raises:
+      ValueError: empty ``loss_fns``, a bad ``grid`` or a non-PNG ``path``.
+      TypeError: a value of ``loss_fns`` that is not callable.
+
+    References:
+      Xuan et al., Hard negative examples are hard, but useful, ECCV 2020, Fig. 2.
+    """
+    panels = _check_loss_fns(loss_fns)
+    _check_grid(grid)
+    path = _check_path(path)
+    s = np.linspace(-1.0, 1.0, grid, dtype=np.float32)
+    s_ap, s_an = np.meshgrid(s, s)  # x: S_ap, y: S_an
+    fig, axes = _figure(len(panels), 1, panel_size * 1.1, panel_size, 1.0)
+    axes = list(axes[0])
+    for ax, (title, panel) in zip(axes, panels.items()):
+        g = analysis.loss_gradient_field(panel.loss_fn, s_ap, s_an)
+        u, v = -np.asarray(g.grad_sim_ap), -np.asarray(g.grad_sim_an)
+        mag = np.hypot(u, v)
+        moving = mag > 1e-6
+        scale = np.where(moving, mag, 1.0)
+        u, v = u / scale, v / scale
+        _square_axes(ax, title)
+        _shade_hard(ax)
+        shown = moving.copy()
+        if panel.region is not None:
+            inside = np.asarray(panel.region(s_ap, s_an), bool)
+            fine = np.linspace(-1, 1, 201)
+            fx, fy = np.meshgrid(fine, fine)
+            ax.contourf(fx, fy, np.asarray(panel.region(fx, fy), float), levels=[0.5, 1.5],
+                        colors=[_REGION_COLOUR], alpha=0.25, zorder=0)
+            ax.fill([], [], color=_REGION_COLOUR, alpha=0.25, label=panel.region_label)
+            out = moving & ~inside
+            ax.quiver(s_ap[out], s_an[out], u[out], v[out], color="0.75", angles="xy",
+                      pivot="mid", scale=grid * 1.15, width=0.004,
+                      label="never produced by this miner")
+            shown &= inside
+        q = ax.quiver(s_ap[shown], s_an[shown], u[shown], v[shown], mag[shown],
+                      cmap=_arrow_cmap(), angles="xy", pivot="mid", scale=grid * 1.15,
+                      width=0.005, clim=(0.0, max(float(mag.max()), 1e-6)))
+        ax.plot(s_ap[~moving], s_an[~moving], ".", color="0.4", ms=2.5,
+                label="zero gradient")
+        for y, label in panel.hlines:
+            ax.axhline(y, color="k", ls=":", lw=1.2, label=label)
+        cbar = fig.colorbar(q, ax=ax, fraction=0.046, pad=0.03)
+        cbar.set_label("|∇ℓ| (gradient norm)", fontsize=8)
+    fig.suptitle("Where gradient descent moves a triplet: arrows = (−∂ℓ/∂S_ap, −∂ℓ/∂S_an)\n"
+                 "arrow length normalised, colour = gradient norm", fontsize=12)
+    _figure_legend(fig, axes, ncol=3)
+    fig.subplots_adjust(left=0.04, right=0.97, bottom=0.22, top=0.84, wspace=0.45)
+    fig.savefig(path, dpi=dpi)
+    return fig
+
+
+def plot_distance_rates(loss_fns: Mapping[str, Any], path: str | os.PathLike, grid: int = 81,
+                        *, dim: int = 3, dpi: int = 100, panel_size: float = 4.2):
+    r"""Rate of change of :math:`\lVert f_a - f_n\rVert` under one gradient step, per loss.
+
+    For every :math:`(S_{ap}, S_{an})` the triplet is placed on the unit sphere
+    (:func:`hnm.analysis.triplet_on_sphere`: coplanar, the negative on the positive's side)
+    and :func:`hnm.analysis.embedding_gradients` gives
+    :math:`\rho_{an} = d\lVert f_a - f_n\rVert / d\eta`. Blue: the negative is pushed away.
+    Red: it is pulled toward the anchor, which is how hardest-negative training collapses
+    (Xuan et al. 2020, §3). The colour scale is symmetric-logarithmic per panel, so the sign
+    stays visible where the gradient is small; the black contour is :math:`\rho_{an} = 0`.
+
+    Args:
+      loss_fns: ``{title: loss_fn or LossPanel}``; a ``region`` is outlined in green.
+      path: output ``.png`` path.
+      grid: cells per axis.
+      dim: embedding dimension of the constructed triplet (the rates do not depend on it).
+      dpi, panel_size: as :func:`plot_gradient_fields`.
+
+    Returns:
+      The saved ``matplotlib.figure.Figure``.
+
+    Raises:
+      ValueError, TypeError: as :func:`plot_gradient_fields`.
+    """
+    from matplotlib import colors  # pylint: disable=import-outside-toplevel
+    panels = _check_loss_fns(loss_fns)
+    _check_grid(grid)
+    path = _check_path(path)
+    # Cell centres strictly inside the square: rates are 0 (d = 0) on the edges.
+    edges = np.linspace(-1.0, 1.0, grid + 1)
+    s = ((edges[:-1] + edges[1:]) / 2).astype(np.float32)
+    s_ap, s_an = np.meshgrid(s, s)
+    fig, axes = _figure(len(panels), 1, panel_size * 1.1, panel_size, 1.0)
+    axes = list(axes[0])
+    for ax, (title, panel) in zip(axes, panels.items()):
+        rate = np.asarray(analysis.embedding_gradients(panel.loss_fn, s_ap, s_an, dim).rate_an)
+        vmax = max(float(np.abs(rate).max()), 1e-6)
+        norm = colors.SymLogNorm(linthresh=vmax * 1e-2, vmin=-vmax, vmax=vmax, base=10)
+        _square_axes(ax, title)
+        mesh = ax.pcolormesh(edges, edges, rate, cmap="RdBu", norm=norm, shading="flat")
+        if rate.min() < 0 < rate.max():
+            # Only true sign changes: cells where the loss is inactive (rate exactly 0) are
+            # masked, or the contour would trace the edge of every flat region.
+            ax.contour(s_ap, s_an, np.ma.masked_where(rate == 0.0, rate), levels=[0.0],
+                       colors="k", linewidths=1.0)
+        ax.plot([], [], color="k", lw=1.0, label="ρ_an = 0")
+        ax.plot([-1, 1], [-1, 1], color="k", lw=1, ls="--", label="S_an = S_ap (hard above)")
+        ax.fill([], [], color=_PULL_COLOUR, label="ρ_an < 0: negative pulled toward anchor")
+        ax.fill([], [], color=_PUSH_COLOUR, label="ρ_an > 0: negative pushed away")
+        ax.fill([], [], facecolor="#f7f7f7", edgecolor="0.6",
+                label="≈ 0: loss inactive or negligible")
+        if panel.region is not None:
+            fine = np.linspace(-1, 1, 201)
+            fx, fy = np.meshgrid(fine, fine)
+            ax.contour(fx, fy, np.asarray(panel.region(fx, fy), float), levels=[0.5],
+                       colors=[_REGION_COLOUR], linewidths=2.0)
+            ax.plot([], [], color=_REGION_COLOUR, lw=2.0, label=panel.region_label)
+        for y, label in panel.hlines:
+            ax.axhline(y, color="k", ls=":", lw=1.2, label=label)
+        ticks = [-vmax, -vmax / 10, 0.0, vmax / 10, vmax]
+        cbar = fig.colorbar(mesh, ax=ax, fraction=0.046, pad=0.03, ticks=ticks)
+        cbar.ax.set_yticklabels([f"{t:.2g}" for t in ticks], fontsize=8)
+        cbar.set_label("ρ_an = d‖f_a − f_n‖ / dη", fontsize=8)
+    fig.suptitle("Does one gradient step push the negative away (blue) or pull it toward the "
+                 "anchor (red)?\nunit-sphere triplet, negative on the positive's side; "
+                 "symmetric-log colour scale", fontsize=12)
+    _figure_legend(fig, axes, ncol=3)
+    fig.subplots_adjust(left=0.04, right=0.95, bottom=0.22, top=0.84, wspace=0.5)
+    fig.savefig(path, dpi=dpi)
+    return fig
+
+
+def read_metrics_jsonl(path: str | os.PathLike) -> list[dict]:
+    """Reads a ``metrics.jsonl`` (one JSON object per line; blank lines skipped)."""
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def _finite_number(x: Any) -> bool:
+    return isinstance(x, (int, float, np.number)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def plot_training_curves(metrics_rows: Sequence[Mapping[str, Any]], path: str | os.PathLike,
+                         keys: Sequence[str] = DEFAULT_CURVE_KEYS, *, step_key: str = "step",
+                         title: str | None = None, dpi: int = 100, panel_size: float = 3.6):
+    """One panel per metric against the training step (e.g. loss, ``frac_hard``, R@1).
+
+    Rows without a key (an eval metric logged only every few steps) are skipped for that
+    key; points are joined in step order and marked, so sparse evaluations stay visible. A
+    key that no row holds gets an empty panel saying so.
+
+    Args:
+      metrics_rows: dicts as written to ``metrics.jsonl`` (see :func:`read_metrics_jsonl`).
+      path: output ``.png`` path.
+      keys: metric names, one panel each (hnm's evaluation logs R@1 as ``recall@1``).
+      step_key: the x-axis key every row must hold.
+      title: figure title.
+      dpi, panel_size: resolution and inches per panel.
+
+    Returns:
+      The saved ``matplotlib.figure.Figure``.
+
+    Raises:
+      ValueError: no rows, no keys, or a row without ``step_key``.
+    """
+    if not metrics_rows:
+        raise ValueError("`metrics_rows` is empty; nothing to plot.")
+    keys = list(keys)
+    if not keys:
+        raise ValueError("`keys` is empty; name at least one metric.")
+    for i, row in enumerate(metrics_rows):
+        if step_key not in row:
+            raise ValueError(f"row {i} of `metrics_rows` has no `step_key`={step_key!r}; "
+                             f"its keys are {sorted(row)}.")
+    path = _check_path(path)
+    fig, axes = _figure(len(keys), 1, panel_size * 1.25, panel_size, 0.5)
+    for ax, key in zip(axes[0], keys):
+        pts = sorted((float(r[step_key]), float(r[key])) for r in metrics_rows
+                     if _finite_number(r.get(key)))
+        ax.set_gid(PANEL_GID)
+        ax.set_title(key)
+        ax.set_xlabel(step_key)
+        ax.grid(alpha=0.3)
+        if not pts:
+            ax.text(0.5, 0.5, f"{key!r} not logged", transform=ax.transAxes, ha="center",
+                    va="center", color="0.4")
+            continue
+        xs, ys = zip(*pts)
+        ax.plot(xs, ys, marker="o" if len(pts) <= 30 else None, ms=3, lw=1.2)
+        if key == "frac_hard" or key.startswith("recall@"):
+            ax.set_ylim(-0.02, 1.02)  # fractions: a fixed scale makes runs comparable
+    fig.suptitle(title or "Training curves", fontsize=12)
+    fig.tight_layout()
+    fig.savefig(path, dpi=dpi)
+    return fig
+
+
+def _tick_label(v: Any) -> str:
+    return f"{v:g}" if isinstance(v, float) else str(v)
+
+
+def phase_grid(table: Sequence[Mapping[str, Any]], x: str, y: str, value: str,
+               collapsed_key: str = "collapsed"):
+    """Arranges sweep rows into ``(xs, ys, values [len(ys), len(xs)], collapsed, counts)``.
+
+    Several rows for one (x, y) cell (seeds) are averaged; ``collapsed`` is then the fraction
+    of them that collapsed. Missing cells hold NaN and count 0.
+
+    Raises:
+      ValueError: empty ``table`` or a row lacking ``x``, ``y`` or ``value``.
+    """
+    if not table:
+        raise ValueError("`table` is empty; nothing to plot.")
+    for i, row in enumerate(table):
+        missing = [k for k in (x, y, value) if k not in row]
+        if missing:
+            raise ValueError(f"row {i} of `table` lacks {missing}; its keys are {sorted(row)}.")
+    xs = sorted({row[x] for row in table})
+    ys = sorted({row[y] for row in table})
+    total = np.zeros((len(ys), len(xs)))
+    coll = np.zeros((len(ys), len(xs)))
+    count = np.zeros((len(ys), len(xs)), int)
+    for row in table:
+        i, j = ys.index(row[y]), xs.index(row[x])
+        total[i, j] += float(row[value])
+        coll[i, j] += float(bool(row.get(collapsed_key, False)))
+        count[i, j] += 1
+    with np.errstate(invalid="ignore", divide="ignore"):
+        values = np.where(count > 0, total / np.maximum(count, 1), np.nan)
+        collapsed = np.where(count > 0, coll / np.maximum(count, 1), np.nan)
+    return xs, ys, values, collapsed, count
+
+
+def plot_phase_diagram(table: Sequence[Mapping[str, Any]], path: str | os.PathLike,
+                       x: str = "embedding_dim", y: str = "classes_per_batch",
+                       value: str = "r@1", collapsed_key: str = "collapsed", *,
+                       title: str | None = None, dpi: int = 100):
+    """Heat map of a sweep (e.g. R@1 over embedding dimension x classes per batch).
+
+    Cells are evenly spaced and labelled with the swept values; each shows its value (and
+    ``n=`` when several seeds were averaged). A cell is hatched and labelled "collapsed" when
+    at least half of its runs have a true ``collapsed_key`` (see
+    :func:`hnm.analysis.is_collapsed`); grey cells were not run.
+
+    Args:
+      table: one dict per run, holding ``x``, ``y``, ``value`` and optionally
+        ``collapsed_key``.
+      path: output ``.png`` path.
+      x, y: the swept keys (columns, rows).
+      value: the key shown as colour.
+      collapsed_key: the boolean key that marks a collapsed run.
+      title, dpi: figure title and resolution.
+
+    Returns:
+      The saved ``matplotlib.figure.Figure``; the heat map is ``fig.axes[0].images[0]`` and
+      each collapsed cell is a patch with ``gid="collapsed"``.
+
+    Raises:
+      ValueError: as :func:`phase_grid`.
+    """
+    from matplotlib.patches import Patch, Rectangle  # pylint: disable=import-outside-toplevel
+    xs, ys, values, collapsed, count = phase_grid(table, x, y, value, collapsed_key)
+    path = _check_path(path)
+    fig, axes = _figure(1, 1, max(4.0, 0.9 * len(xs) + 2.5), max(3.0, 0.6 * len(ys) + 1.2),
+                        0.6)
+    ax = axes[0, 0]
+    ax.set_gid(PANEL_GID)
+    ax.set_facecolor("0.85")  # NaN (not run) cells show the background
+    finite = values[np.isfinite(values)]
+    vmin, vmax = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
+    im = ax.imshow(np.ma.masked_invalid(values), origin="lower", cmap="viridis",
+                   vmin=vmin, vmax=vmax if vmax > vmin else vmin + 1e-9, aspect="auto")
+    ax.set_xticks(range(len(xs)), [_tick_label(v) for v in xs])
+    ax.set_yticks(range(len(ys)), [_tick_label(v) for v in ys])
+    ax.set_xlabel(x)
+    ax.set_ylabel(y)
+    mid = (vmin + vmax) / 2
+    for i in range(len(ys)):
+        for j in range(len(xs)):
+            if count[i, j] == 0:
+                ax.text(j, i, "not run", ha="center", va="center", fontsize=7, color="0.3")
+                continue
+            is_coll = collapsed[i, j] >= 0.5
+            if is_coll:
+                ax.add_patch(Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, hatch="xx",
+                                       edgecolor="#d62728", lw=1.5, gid="collapsed"))
+            text = f"{values[i, j]:.3g}" + ("\ncollapsed" if is_coll else "")
+            if count[i, j] > 1:
+                text += f"\nn={count[i, j]}"
+            ax.text(j, i, text, ha="center", va="center", fontsize=8,
+                    color="white" if values[i, j] < mid else "black", fontweight="bold")
+    cbar = fig.colorbar(im, ax=ax)
+    cbar.set_label(value)
+    ax.legend(handles=[Patch(fill=False, hatch="xx", edgecolor="#d62728",
+                             label="collapsed run" if collapsed_key == "collapsed" else
+                             f"collapsed ({collapsed_key})")],
+              loc="upper center", bbox_to_anchor=(0.5, -0.14), frameon=False, fontsize=9)
+    ax.set_title(title or f"{value} over {x} × {y}", fontsize=11)
+    fig.tight_layout()
+    fig.savefig(path, dpi=dpi)
+    return fig
