@@ -62,12 +62,16 @@ def _main(argv) -> None:
     if not _WORKDIR.value:
         raise app.UsageError("--workdir is required. " + USAGE)
     _hide_gpus_from_tensorflow()
+    # Orbax and absl log every checkpoint step at INFO; keep the terminal for the progress
+    # bar and the result table unless the user asks for more with --verbosity.
+    if not flags.FLAGS["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)
     import jax
 
     from hnm import train
 
-    logging.info("JAX devices: %s (process %d of %d)", jax.devices(), jax.process_index(),
-                 jax.process_count())
+    print(f"hnm {command}: {jax.local_device_count()} local {jax.default_backend()} device(s),"
+          f" process {jax.process_index() + 1} of {jax.process_count()}", file=sys.stderr)
     progress = False if _NO_PROGRESS.value else None
     if command == "train":
         if _CONFIG.value is None:

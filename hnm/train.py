@@ -29,6 +29,10 @@ from flax.training import train_state
 from hnm import analysis, checkpoint, metrics, models, objectives
 
 AXIS = "batch"
+# Panels of workdir/training_curves.png: the loss, the official code's hn_ratio, the collapse
+# diagnostics of the logged batch, and test R@1 at each evaluation.
+CURVE_KEYS = ("loss", "frac_hard", "diag/mean_distance", "diag/separation_violation_max",
+              "eval/recall@1", "eval/map@r")
 
 
 class TrainState(train_state.TrainState):
@@ -432,7 +436,8 @@ def write_plots(workdir: str) -> None:
         return
     with open(path) as f:
         rows = [json.loads(line) for line in f if line.strip()]
-    plots.plot_training_curves(rows, os.path.join(workdir, "training_curves.png"))
+    plots.plot_training_curves(rows, os.path.join(workdir, "training_curves.png"),
+                               keys=CURVE_KEYS, title=f"training of {workdir}")
 
 
 def _isatty() -> bool:

@@ -182,6 +182,20 @@ class KillAndResumeTest(absltest.TestCase):
         ref_dir, kill_dir, term_dir = (self.create_tempdir().full_path for _ in range(3))
         rc, out = _run_cli(ref_dir)
         self.assertEqual(rc, 0, out[-3000:])
+        self.assertIn("| recall@1 |", out)
+        # `hnm eval` re-reads config.json and evaluates the newest checkpoint: same numbers.
+        with open(os.path.join(ref_dir, "eval.json")) as f:
+            trained = json.load(f)
+        os.remove(os.path.join(ref_dir, "eval.json"))
+        ev = subprocess.run([sys.executable, "-m", "hnm.cli", "eval", f"--workdir={ref_dir}"],
+                            env=dict(os.environ, XLA_FLAGS=""), cwd=ROOT, capture_output=True,
+                            text=True, timeout=300)
+        self.assertEqual(ev.returncode, 0, ev.stderr[-3000:])
+        with open(os.path.join(ref_dir, "eval.json")) as f:
+            evaluated = json.load(f)
+        self.assertEqual(evaluated["step"], trained["step"])
+        self.assertAlmostEqual(evaluated["recall@1"], trained["recall@1"], places=6)
+        self.assertIn(f"{100 * trained['recall@1']:.2f}", ev.stdout)
         proc = _run_cli(kill_dir, wait=False)
         _wait_for_checkpoint(kill_dir, proc)
         proc.send_signal(signal.SIGKILL)
