@@ -111,6 +111,20 @@ class EndToEndTest(absltest.TestCase):
         out3 = train.train_and_evaluate(cfg, wd, progress=False)
         self.assertGreater(out3["step"], steps)
 
+    def test_bfloat16_training_matches_float32(self):
+        """bf16 backbone compute (params, loss and mining in float32) trains as well as f32."""
+        results = {}
+        for dtype in ("float32", "bfloat16"):
+            cfg = _smoke_config(num_epochs=3, eval_every_epochs=100)
+            cfg.model.dtype = dtype
+            results[dtype] = train.train_and_evaluate(
+                cfg, self.create_tempdir().full_path, progress=False)
+        f32, bf16 = results["float32"], results["bfloat16"]
+        self.assertNotEqual(f32["map@r"], bf16["map@r"])  # bf16 really changed the numbers
+        self.assertGreater(bf16["recall@1"], 0.8)
+        self.assertLess(abs(bf16["recall@1"] - f32["recall@1"]), 0.03)  # stated tolerance
+        self.assertLess(abs(bf16["map@r"] - f32["map@r"]), 0.05)
+
     def test_config_errors_are_one_line_before_compiling(self):
         wd = self.create_tempdir().full_path
         cfg = _smoke_config()
