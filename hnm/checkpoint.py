@@ -1,7 +1,8 @@
 """Thin orbax helpers: one ``CheckpointManager`` under ``workdir/checkpoints``, always resumed.
 
-A checkpoint holds two items: ``state`` (the host copy of the Flax ``TrainState``, saved with
-``StandardSave`` and restored into ``jax.eval_shape`` of a freshly initialised state) and
+A checkpoint holds two items: ``state`` (the host copy of the Flax ``TrainState`` as NumPy
+arrays, saved with ``StandardSave`` and restored into the structure of a freshly initialised
+state) and
 ``meta`` (JSON: the data sampler's position and the model configuration, so a resumed run
 continues with exactly the batches an uninterrupted run would have seen, and a run whose model
 no longer matches its checkpoint fails in one line instead of deep inside orbax).
@@ -32,6 +33,10 @@ def open_manager(workdir: str, *, max_to_keep: int = 3,
 def save(manager: ocp.CheckpointManager, step: int, state: Any,
          meta: Mapping[str, Any], *, force: bool = False) -> bool:
     """Saves ``state`` and the JSON-able ``meta`` at ``step`` (asynchronously if enabled)."""
+    # Host NumPy copies: pmap's out_axes=None state is a host-local array on each process,
+    # which orbax refuses in a multi-process job; NumPy leaves are written once, by the
+    # primary process, and read back by all (the state is identical everywhere).
+    state = jax.device_get(state)
     return manager.save(
         int(step),
         args=ocp.args.Composite(state=ocp.args.StandardSave(state),
@@ -57,7 +62,7 @@ def restore_or_init(manager: ocp.CheckpointManager, init_state: Any,
     step = manager.latest_step() if step is None else step
     if step is None:
         return init_state, None
-    abstract = jax.eval_shape(lambda s: s, init_state)
+    target = jax.device_get(init_state)  # NumPy leaves, as saved
     out = manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
+        state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
     return out["state"], dict(out["meta"])

@@ -21,6 +21,18 @@ _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Experiment config file, optionally `path:variant`.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics, plots.")
 _NO_PROGRESS = flags.DEFINE_bool("no_progress", False, "Disable the progress bars.")
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", None,
+    "host:port of process 0 of a multi-process job (jax.distributed). With --distributed=auto "
+    "JAX detects it on TPU pods, SLURM and Open MPI instead.")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in the job.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index in the job.")
+_DISTRIBUTED = flags.DEFINE_bool(
+    "distributed", False, "Call jax.distributed.initialize() with cluster auto-detection.")
+_TIMEOUT = flags.DEFINE_integer(
+    "distributed_timeout", 120,
+    "Seconds before a multi-process job gives up on a missing or dead peer (initialisation "
+    "and heartbeat), so the survivors exit with an error instead of hanging.")
 
 USAGE = "usage: hnm {train,eval} --workdir=DIR [--config=experiments/NAME.py[:variant]]"
 
@@ -51,6 +63,24 @@ def _load_run_config(workdir: str):
         return ml_collections.ConfigDict(json.load(f))
 
 
+def initialize_distributed() -> None:
+    """Joins a multi-process job when asked to (flags, or auto-detection with --distributed).
+
+    Each process then feeds its own devices with its own slice of the global batch; pmap's
+    collectives (the objectives' all_gather mining, the gradient psum) span every device of
+    every process.
+    """
+    explicit = _COORDINATOR.value or (_NUM_PROCESSES.value or 1) > 1
+    if not (explicit or _DISTRIBUTED.value):
+        return
+    import jax
+
+    jax.distributed.initialize(
+        coordinator_address=_COORDINATOR.value, num_processes=_NUM_PROCESSES.value,
+        process_id=_PROCESS_ID.value, initialization_timeout=_TIMEOUT.value,
+        heartbeat_timeout_seconds=_TIMEOUT.value)
+
+
 def main(argv=None) -> None:
     app.run(_main, argv=argv)
 
@@ -66,6 +96,7 @@ def _main(argv) -> None:
     # bar and the result table unless the user asks for more with --verbosity.
     if not flags.FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)
+    initialize_distributed()
     import jax
 
     from hnm import train
@@ -87,8 +118,9 @@ def _main(argv) -> None:
     if "preempted_at_step" in results:
         print(f"preempted: checkpoint saved at step {results['preempted_at_step']}")
         return
-    print(format_table(results))
-    print(f"(written to {os.path.join(_WORKDIR.value, 'eval.json')})")
+    if jax.process_index() == 0:
+        print(format_table(results))
+        print(f"(written to {os.path.join(_WORKDIR.value, 'eval.json')})")
 
 
 if __name__ == "__main__":

@@ -147,13 +147,22 @@ def make_embed_step(devices=None) -> Callable:
     return jax.pmap(embed_step, axis_name=AXIS, in_axes=(None, 0), devices=devices)
 
 
-def select_devices(config) -> list:
-    """``train.num_devices`` local devices (0 or absent: all of them)."""
-    devices = jax.local_devices()
-    n = int(config.train.get("num_devices", 0) or len(devices))
-    if not 1 <= n <= len(devices):
-        raise ValueError(f"`train.num_devices`={n} but this host has {len(devices)} devices.")
-    return devices[:n]
+def select_devices(config) -> tuple[list | None, int]:
+    """``(devices for pmap, local device count)`` for ``train.num_devices`` (0: all).
+
+    ``None`` means "every device of the job": in a multi-process job pmap's collectives must
+    span all processes' devices, and naming local devices would silently keep them local.
+    """
+    local = jax.local_devices()
+    n = int(config.train.get("num_devices", 0) or len(local))
+    if not 1 <= n <= len(local):
+        raise ValueError(f"`train.num_devices`={n} but this host has {len(local)} devices.")
+    if n == len(local):
+        return None, n
+    if jax.process_count() > 1:
+        raise ValueError("`train.num_devices` must be 0 (all) in a multi-process job; got "
+                         f"{n} of {len(local)} local devices.")
+    return local[:n], n
 
 
 def shard(batch: Mapping[str, np.ndarray], num_devices: int) -> dict:
@@ -237,7 +246,9 @@ class _Preemption:
             signal.signal(signal.SIGTERM, self._old)
 
 
-def _append_jsonl(path: str, row: Mapping[str, Any]) -> None:
+def _append_jsonl(path: str | None, row: Mapping[str, Any]) -> None:
+    if path is None:  # not the main process of a multi-process job
+        return
     with open(path, "a") as f:
         f.write(json.dumps(row) + "\n")
 
@@ -303,9 +314,10 @@ def train_and_evaluate(config, workdir: str, *, progress: bool | None = None) ->
     os.makedirs(workdir, exist_ok=True)
     progress = _isatty() if progress is None else progress
     check_config(config)
-    devices = select_devices(config)
-    n_dev = len(devices)
-    ds = data.build(config.data, seed=config.seed, num_devices=n_dev)
+    devices, n_dev = select_devices(config)
+    is_main = jax.process_index() == 0  # writes metrics, eval.json and plots
+    ds = data.build(config.data, seed=config.seed, num_devices=n_dev,
+                    process_index=jax.process_index(), process_count=jax.process_count())
     total_steps = int(config.train.num_epochs * ds.steps_per_epoch)
     schedule = make_schedule(config.optim, total_steps)
     model = models.create(model_config(config))
@@ -324,8 +336,9 @@ def train_and_evaluate(config, workdir: str, *, progress: bool | None = None) ->
     sampler = ds.init_sampler_state() if meta is None else type(ds.init_sampler_state())(
         *meta["sampler"])
     step = int(state.step)
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-        f.write(config.to_json(indent=2) if hasattr(config, "to_json") else json.dumps(config))
+    if is_main:
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            f.write(config.to_json(indent=2))
 
     p_train = make_train_step(build_objective(config), devices)
     p_embed = make_embed_step(devices)
@@ -333,7 +346,7 @@ def train_and_evaluate(config, workdir: str, *, progress: bool | None = None) ->
                                        margin=float(config.train.get("diag_margin", 0.2))))
     log_every, ckpt_every = int(config.train.log_every), int(config.train.ckpt_every)
     eval_every = max(1, int(config.train.eval_every_epochs * ds.steps_per_epoch))
-    metrics_path = os.path.join(workdir, "metrics.jsonl")
+    metrics_path = os.path.join(workdir, "metrics.jsonl") if is_main else None
 
     def check_finite(m, step):
         # A diverged state is never logged as good nor checkpointed: the last good one stays.
@@ -392,9 +405,10 @@ def train_and_evaluate(config, workdir: str, *, progress: bool | None = None) ->
     final = evaluate(state, ds.eval_sets(), config.eval, p_embed, n_dev, progress)
     final["step"] = step
     _append_jsonl(metrics_path, {"step": step, **{f"eval/{k}": v for k, v in final.items()}})
-    with open(os.path.join(workdir, "eval.json"), "w") as f:
-        json.dump(final, f, indent=2)
-    write_plots(workdir)
+    if is_main:
+        with open(os.path.join(workdir, "eval.json"), "w") as f:
+            json.dump(final, f, indent=2)
+        write_plots(workdir)
     manager.close()
     return final
 
@@ -404,9 +418,9 @@ def evaluate_checkpoint(config, workdir: str, *, progress: bool | None = None) -
     from hnm import data
 
     progress = _isatty() if progress is None else progress
-    devices = select_devices(config)
-    n_dev = len(devices)
-    ds = data.build(config.data, seed=config.seed, num_devices=n_dev)
+    devices, n_dev = select_devices(config)
+    ds = data.build(config.data, seed=config.seed, num_devices=n_dev,
+                    process_index=jax.process_index(), process_count=jax.process_count())
     model = models.create(model_config(config))
     tx = make_optimizer(config.optim, make_schedule(config.optim, 1))
     state = create_train_state(model, tx, jax.random.key(config.seed), ds.image_shape)
@@ -421,8 +435,9 @@ def evaluate_checkpoint(config, workdir: str, *, progress: bool | None = None) -
     results = evaluate(state, ds.eval_sets(), config.eval, make_embed_step(devices), n_dev,
                        progress)
     results["step"] = int(state.step)
-    with open(os.path.join(workdir, "eval.json"), "w") as f:
-        json.dump(results, f, indent=2)
+    if jax.process_index() == 0:
+        with open(os.path.join(workdir, "eval.json"), "w") as f:
+            json.dump(results, f, indent=2)
     manager.close()
     return results
 

@@ -1,0 +1,113 @@
+"""Two processes x 2 devices (jax.distributed on localhost, CPU collectives) train exactly like
+one process with 4 devices: same losses at every step, same final parameters."""
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import jax
+import numpy as np
+from absl.testing import absltest
+
+from hnm import checkpoint, models, train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+NPZ_CONFIG = os.path.join(ROOT, "experiments", "npz.py")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _write_npz(path: str, num_classes=24, per_class=6, seed=0) -> None:
+    rng = np.random.default_rng(seed)
+    protos = rng.integers(0, 256, size=(num_classes, 8, 8))
+    images = np.clip(protos[:, None] + rng.normal(0, 30, (num_classes, per_class, 8, 8)),
+                     0, 255).astype(np.uint8).reshape(-1, 8, 8)
+    labels = np.repeat(np.arange(num_classes), per_class)
+    np.savez(path, images=images, labels=labels)
+
+
+def _flags(npz: str, workdir: str) -> list[str]:
+    return [f"--config={NPZ_CONFIG}", f"--workdir={workdir}", f"--config.data.path={npz}",
+            "--config.data.classes_per_batch=8", "--config.data.samples_per_class=2",
+            "--config.model.backbone=mlp", "--config.model.embedding_dim=16",
+            "--config.optim.learning_rate=0.01", "--config.train.num_epochs=2",
+            "--config.train.log_every=1", "--config.train.ckpt_every=1000",
+            "--config.train.eval_every_epochs=1000", "--config.eval.nmi=False", "--no_progress"]
+
+
+def _launch(flags, devices, extra=()):
+    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+               PYTHONUNBUFFERED="1")
+    return subprocess.Popen([sys.executable, "-m", "hnm.cli", "train", *flags, *extra],
+                            env=env, cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+
+
+def _losses(workdir):
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return [(r["step"], r["loss"]) for r in map(json.loads, f) if "loss" in r]
+
+
+def _params(workdir):
+    model = models.create(dict(backbone="mlp", embedding_dim=16))
+    tx = train.make_optimizer(dict(name="adam", learning_rate=0.01),
+                              train.make_schedule(dict(learning_rate=0.01), 1))
+    state = train.create_train_state(model, tx, jax.random.key(0), (8, 8, 1))
+    mgr = checkpoint.open_manager(workdir)
+    state, _ = checkpoint.restore_or_init(mgr, state)
+    mgr.close()
+    return state
+
+
+class MultiProcessTest(absltest.TestCase):
+
+    def test_two_processes_equal_one_process_with_four_devices(self):
+        tmp = self.create_tempdir().full_path
+        npz = os.path.join(tmp, "data.npz")
+        _write_npz(npz)
+        one, two = os.path.join(tmp, "one"), os.path.join(tmp, "two")
+
+        proc = _launch(_flags(npz, one), devices=4)
+        out, _ = proc.communicate(timeout=300)
+        self.assertEqual(proc.returncode, 0, out[-3000:])
+
+        port = _free_port()
+        procs = [_launch(_flags(npz, two), devices=2,
+                         extra=(f"--coordinator_address=127.0.0.1:{port}",
+                                "--num_processes=2", f"--process_id={i}")) for i in range(2)]
+        outs = [p.communicate(timeout=300)[0] for p in procs]
+        for p, out in zip(procs, outs):
+            self.assertEqual(p.returncode, 0, out[-3000:])
+        self.assertIn("process 1 of 2", outs[0])
+        self.assertIn("| recall@1 |", outs[0])       # only process 0 prints the table
+
+        l1, l2 = _losses(one), _losses(two)
+        self.assertEqual([s for s, _ in l1], [s for s, _ in l2])
+        self.assertGreater(len(l1), 2)
+        np.testing.assert_allclose([v for _, v in l2], [v for _, v in l1], rtol=1e-5, atol=1e-6)
+        s1, s2 = _params(one), _params(two)
+        self.assertEqual(int(s1.step), int(s2.step))
+        for a, b in zip(jax.tree.leaves(s1.params), jax.tree.leaves(s2.params)):
+            np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-6)
+
+    def test_dead_peer_makes_the_survivor_exit_with_an_error(self):
+        tmp = self.create_tempdir().full_path
+        npz = os.path.join(tmp, "data.npz")
+        _write_npz(npz)
+        port = _free_port()
+        # Process 1 never starts: process 0 must give up after the timeout, not hang.
+        proc = _launch(_flags(npz, os.path.join(tmp, "wd")), devices=2,
+                       extra=(f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
+                              "--process_id=0", "--distributed_timeout=10"))
+        out, _ = proc.communicate(timeout=240)
+        self.assertNotEqual(proc.returncode, 0)
+        self.assertRegex(out.lower(), "deadline|timed out|timeout|unavailable|barrier")
+
+
+if __name__ == "__main__":
+    absltest.main()
