@@ -87,8 +87,11 @@ def create_train_state(model, tx: optax.GradientTransformation, key: jax.Array,
     """Initialises parameters (and BatchNorm statistics) on a dummy batch of ``image_shape``."""
     dummy = jnp.zeros((2, *image_shape), jnp.uint8)
     variables = jax.jit(functools.partial(model.init, train=False))({"params": key}, dummy)
-    return TrainState.create(apply_fn=model.apply, params=variables["params"], tx=tx,
-                             batch_stats=variables.get("batch_stats", {}))
+    state = TrainState.create(apply_fn=model.apply, params=variables["params"], tx=tx,
+                              batch_stats=variables.get("batch_stats", {}))
+    # An int32 array step, not Python's weakly typed 0: the step's second call must hit the
+    # first call's compilation (one compile per run).
+    return state.replace(step=jnp.zeros((), jnp.int32))
 
 
 def _variables(state: TrainState, params=None) -> dict:
@@ -141,6 +144,18 @@ def make_train_step(objective_fn: Callable, devices=None) -> Callable:
 def embed_step(state: TrainState, images: jax.Array) -> jax.Array:
     """Embeddings of a batch in inference mode (running BatchNorm statistics), float32."""
     return state.apply_fn(_variables(state), images, train=False).astype(jnp.float32)
+
+
+def place_state(state: TrainState, devices=None) -> TrainState:
+    """Puts a host or freshly initialised state where the pmapped step leaves its output.
+
+    The step returns the state with the sharding of its ``out_axes=None`` outputs; feeding it
+    the initial state in that same form means the second step reuses the first step's
+    compilation (one compile per run, a test checks it).
+    """
+    n_local = jax.local_device_count() if devices is None else len(devices)
+    return jax.pmap(lambda s, _: s, axis_name=AXIS, in_axes=(None, 0), out_axes=None,
+                    devices=devices)(state, np.zeros(n_local))  # pmap needs a mapped arg
 
 
 def make_embed_step(devices=None) -> Callable:
@@ -333,6 +348,7 @@ def train_and_evaluate(config, workdir: str, *, progress: bool | None = None) ->
         raise ValueError(f"the model config {_model_signature(config)} does not match the "
                          f"checkpoint in {workdir} ({meta.get('model')}); use a new --workdir.")
     state, meta = checkpoint.restore_or_init(manager, state)
+    state = place_state(state, devices)
     sampler = ds.init_sampler_state() if meta is None else type(ds.init_sampler_state())(
         *meta["sampler"])
     step = int(state.step)

@@ -111,6 +111,27 @@ class EndToEndTest(absltest.TestCase):
         out3 = train.train_and_evaluate(cfg, wd, progress=False)
         self.assertGreater(out3["step"], steps)
 
+    def test_train_step_compiles_once_per_run(self):
+        traces = []
+        build = train.build_objective
+
+        def counting_build(config, axis_name=train.AXIS):
+            fn = build(config, axis_name)
+
+            def objective(emb, labels, key=None):
+                traces.append(emb.shape)  # runs at trace time only
+                return fn(emb, labels, key)
+            return objective
+
+        train.build_objective = counting_build
+        try:
+            out = train.train_and_evaluate(_smoke_config(num_epochs=2, eval_every_epochs=1),
+                                           self.create_tempdir().full_path, progress=False)
+        finally:
+            train.build_objective = build
+        self.assertGreater(out["step"], 10)
+        self.assertLen(traces, 1)
+
     def test_bfloat16_training_matches_float32(self):
         """bf16 backbone compute (params, loss and mining in float32) trains as well as f32."""
         results = {}
