@@ -3,12 +3,14 @@
 The pure core is importable without TensorFlow, tfds or orbax:
 
   >>> import hnm
-  >>> objective = hnm.objectives.get("sct")
-  >>> loss, aux = objective(embeddings, labels)   # doctest: +SKIP
+  >>> sorted(hnm.objectives.names())[:3]
+  ['batch_all', 'batch_hard', 'contrastive']
 
-Training (``hnm.train``), data (``hnm.data``), checkpoints (``hnm.checkpoint``) and the
-command line (``hnm.cli``) are imported explicitly by those who need them.
+Training (``hnm.train``), data (``hnm.data``), checkpoints (``hnm.checkpoint``), plots
+(``hnm.plots``) and the command line (``hnm.cli``) are imported explicitly by those who need
+them.
 """
-from hnm import distances
+from hnm import analysis, distances, losses, metrics, miners, objectives, pair_losses
 
 __version__ = "0.1.0"
+__all__ = ["analysis", "distances", "losses", "metrics", "miners", "objectives", "pair_losses"]

@@ -1,0 +1,377 @@
+r"""Static-shape triplet miners: one padded row per anchor plus a ``valid`` mask.
+
+Every miner takes a similarity matrix ``sim`` [A, M] (larger means closer, ``STYLE.md`` §3)
+of A query rows (anchors) against M reference rows, the anchors' ``labels`` [A] and the
+reference ``ref_labels`` [M] (default: ``labels``, i.e. the batch against itself), and
+``query_offset``, the row of anchor 0 inside the reference set, which removes the self-pairs
+when the reference set is the ``all_gather`` of every device's batch.
+
+Miners *choose*; they never differentiate the choice. Each one looks at
+``jax.lax.stop_gradient(sim)`` and returns integer indices, so gradients flow only through
+:func:`gather_sims` (or through a recomputation of the chosen similarities) on the live matrix.
+
+Padding rows (``valid == False``) hold in-range indices (the ``argmax`` of an all-masked row is
+0), so gathers never go out of bounds; their values are garbage and must be masked.
+
+References:
+  Hermans, Beyer, Leibe. In Defense of the Triplet Loss for Person Re-Identification. 2017.
+  Schroff, Kalenichenko, Philbin. FaceNet. CVPR 2015 (semi-hard negatives).
+  Xuan, Stylianou, Liu, Pless. Hard Negative Examples are Hard, but Useful. ECCV 2020
+  (easy-positive / hard-negative mining; official code ``littleredxh/HardNegative``).
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax.typing import ArrayLike
+
+from hnm import _checks
+from hnm.distances import label_masks
+
+DUPLICATE_THRESHOLD = 0.9999  # official SCT code: positives above this are near-duplicates
+
+
+class Triplets(NamedTuple):
+    """Mined triplets, one per anchor row. All four fields share one shape, [A] or [A, K]."""
+    anchor: jax.Array    # int32, index into the query batch
+    positive: jax.Array  # int32, index into the reference batch
+    negative: jax.Array  # int32, index into the reference batch
+    valid: jax.Array     # bool; False rows are padding and must not count
+
+
+def _prepare(sim: ArrayLike, labels: ArrayLike, ref_labels: ArrayLike | None,
+             query_offset: ArrayLike) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Checks the arguments; returns the stopped similarity and the (pos, neg) masks."""
+    sim = jnp.asarray(sim)
+    labels = jnp.asarray(labels)
+    ref_labels = labels if ref_labels is None else jnp.asarray(ref_labels)
+    _checks.check_sim(sim, labels, ref_labels)
+    pos_mask, neg_mask = label_masks(labels, ref_labels, query_offset=query_offset)
+    # stop_gradient: choosing a triplet is not differentiated; only the chosen entries are.
+    return jax.lax.stop_gradient(sim), pos_mask, neg_mask
+
+
+def _masked_argmax(sim: jax.Array, mask: jax.Array
+                   ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Row-wise argmax over ``mask``: ``(index, value, found)``, first index on ties.
+
+    ``lax.top_k(., 1)`` instead of ``argmax``: XLA:CPU lowers ``argmax`` to a slow variadic
+    reduction (about 10x slower at 2048 x 2048); TopK keeps the lower index on ties, like
+    ``argmax``. A row with nothing in ``mask`` gives index 0 (in range), value ``-inf`` and
+    ``found`` False.
+    """
+    values, idx = jax.lax.top_k(jnp.where(mask, sim, -jnp.inf), 1)
+    value = values[..., 0]
+    return idx[..., 0].astype(jnp.int32), value, value > -jnp.inf
+
+
+def _anchors(sim: jax.Array) -> jax.Array:
+    return jnp.arange(sim.shape[0], dtype=jnp.int32)
+
+
+def mine_hardest(sim: ArrayLike, labels: ArrayLike, ref_labels: ArrayLike | None = None, *,
+                 query_offset: ArrayLike = 0) -> Triplets:
+    r"""Batch-hard mining: the least similar positive and the most similar negative.
+
+    .. math::
+        p(a) = \arg\min_{p:\, y_p = y_a,\, p \ne a} S_{ap}, \qquad
+        n(a) = \arg\max_{n:\, y_n \ne y_a} S_{an}
+
+    Ties go to the first index (``jnp.argmin``/``argmax``), as PML's ``BatchHardMiner``.
+
+    Args:
+      sim: similarities [A, M] (larger is closer).
+      labels: integer labels of the anchors, [A].
+      ref_labels: integer labels of the reference rows, [M]; defaults to ``labels``.
+      query_offset: row of anchor 0 in the reference set (excludes self-pairs).
+
+    Returns:
+      :class:`Triplets` with fields of shape [A]; ``valid`` is false for anchors without a
+      positive or without a negative.
+
+    Raises:
+      ValueError, TypeError: for wrongly shaped or typed arguments (the message names them).
+
+    Examples:
+      >>> sim = jnp.array([[1.0, 0.9, 0.1], [0.9, 1.0, 0.5], [0.1, 0.5, 1.0]])
+      >>> t = mine_hardest(sim, jnp.array([0, 0, 1]))
+      >>> t.positive.tolist(), t.negative.tolist(), t.valid.tolist()
+      ([1, 0, 0], [2, 2, 1], [True, True, False])
+
+    References:
+      Hermans, Beyer, Leibe. In Defense of the Triplet Loss. arXiv 1703.07737, 2017.
+    """
+    sim, pos_mask, neg_mask = _prepare(sim, labels, ref_labels, query_offset)
+    pos, _, has_pos = _masked_argmax(-sim, pos_mask)
+    neg, _, has_neg = _masked_argmax(sim, neg_mask)
+    return Triplets(_anchors(sim), pos, neg, has_pos & has_neg)
+
+
+def _easy_positive(sim: jax.Array, pos_mask: jax.Array, duplicate_threshold: float
+                   ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    # Near-duplicates (sim > threshold) teach nothing and make the softmax degenerate.
+    return _masked_argmax(sim, pos_mask & (sim <= duplicate_threshold))
+
+
+def mine_easy_positive_hard_negative(
+        sim: ArrayLike, labels: ArrayLike, ref_labels: ArrayLike | None = None, *,
+        query_offset: ArrayLike = 0,
+        duplicate_threshold: float = DUPLICATE_THRESHOLD) -> Triplets:
+    r"""Easy-positive / hard-negative mining (EPHN, the official SCT code).
+
+    .. math::
+        p(a) = \arg\max_{p:\, y_p = y_a,\, p \ne a,\, S_{ap} \le \tau} S_{ap}, \qquad
+        n(a) = \arg\max_{n:\, y_n \ne y_a} S_{an}
+
+    with :math:`\tau` = ``duplicate_threshold`` (positives with :math:`S_{ap} > \tau` are
+    skipped as near-duplicates). The official code's extra validity rule for cosine
+    similarity (both chosen values strictly inside (-1, 1)) is applied by the ``ephn``/``sct``
+    objectives, not here, because this miner accepts any similarity.
+
+    Args:
+      sim: similarities [A, M] (larger is closer).
+      labels: integer labels of the anchors, [A].
+      ref_labels: integer labels of the reference rows, [M]; defaults to ``labels``.
+      query_offset: row of anchor 0 in the reference set (excludes self-pairs).
+      duplicate_threshold: :math:`\tau`; positives more similar than this are ignored.
+
+    Returns:
+      :class:`Triplets` with fields of shape [A]; ``valid`` is false for anchors without an
+      eligible positive or without a negative.
+
+    Raises:
+      ValueError, TypeError: for wrongly shaped or typed arguments (the message names them).
+
+    Examples:
+      >>> sim = jnp.array([[1.0, 0.99999, 0.5, 0.7],
+      ...                  [0.99999, 1.0, 0.6, 0.2],
+      ...                  [0.5, 0.6, 1.0, 0.1],
+      ...                  [0.7, 0.2, 0.1, 1.0]])
+      >>> t = mine_easy_positive_hard_negative(sim, jnp.array([0, 0, 0, 1]))
+      >>> t.positive.tolist(), t.negative.tolist(), t.valid.tolist()
+      ([2, 2, 1, 0], [3, 3, 3, 0], [True, True, True, False])
+
+    References:
+      Xuan, Stylianou, Liu, Pless. Hard Negative Examples are Hard, but Useful. ECCV 2020.
+    """
+    sim, pos_mask, neg_mask = _prepare(sim, labels, ref_labels, query_offset)
+    pos, _, has_pos = _easy_positive(sim, pos_mask, duplicate_threshold)
+    neg, _, has_neg = _masked_argmax(sim, neg_mask)
+    return Triplets(_anchors(sim), pos, neg, has_pos & has_neg)
+
+
+def mine_easy_positive_semihard_negative(
+        sim: ArrayLike, labels: ArrayLike, ref_labels: ArrayLike | None = None, *,
+        query_offset: ArrayLike = 0,
+        duplicate_threshold: float = DUPLICATE_THRESHOLD) -> Triplets:
+    r"""Easy-positive / semi-hard-negative mining (EPSHN, the official ``shn`` setting).
+
+    The positive is chosen as in :func:`mine_easy_positive_hard_negative`; the negative is the
+    most similar one *not more similar* than that positive:
+
+    .. math:: n(a) = \arg\max_{n:\, y_n \ne y_a,\, S_{an} \le S_{a p(a)}} S_{an}
+
+    Like the official code (which masks out negatives with ``S_an > S_ap``), a negative exactly
+    as similar as the positive is kept. Anchors whose negatives are all more similar than the
+    positive are invalid.
+
+    Args:
+      sim: similarities [A, M] (larger is closer).
+      labels: integer labels of the anchors, [A].
+      ref_labels: integer labels of the reference rows, [M]; defaults to ``labels``.
+      query_offset: row of anchor 0 in the reference set (excludes self-pairs).
+      duplicate_threshold: positives more similar than this are ignored.
+
+    Returns:
+      :class:`Triplets` with fields of shape [A].
+
+    Raises:
+      ValueError, TypeError: for wrongly shaped or typed arguments (the message names them).
+
+    Examples:
+      >>> sim = jnp.array([[1.0, 0.5, 0.7, 0.4], [0.5, 1.0, 0.2, 0.3],
+      ...                  [0.7, 0.2, 1.0, 0.0], [0.4, 0.3, 0.0, 1.0]])
+      >>> t = mine_easy_positive_semihard_negative(sim, jnp.array([0, 0, 1, 1]))
+      >>> t.negative.tolist(), t.valid.tolist()
+      ([3, 3, 0, 0], [True, True, False, False])
+
+    References:
+      Xuan, Stylianou, Liu, Pless. Hard Negative Examples are Hard, but Useful. ECCV 2020.
+    """
+    sim, pos_mask, neg_mask = _prepare(sim, labels, ref_labels, query_offset)
+    # A row without a positive has sim_ap = -inf, hence no semi-hard candidate either.
+    pos, sim_ap, has_pos = _easy_positive(sim, pos_mask, duplicate_threshold)
+    neg, _, has_neg = _masked_argmax(sim, neg_mask & (sim <= sim_ap[:, None]))
+    return Triplets(_anchors(sim), pos, neg, has_pos & has_neg)
+
+
+def fold_positives(pos_mask: jax.Array,
+                   fn: Callable[[Any, jax.Array, jax.Array, jax.Array], Any], init: Any) -> Any:
+    """Folds ``fn`` over the positive "slots" of every anchor.
+
+    Step k calls ``carry = fn(carry, sel, idx, found)`` where ``idx`` [A] is the column of
+    the k-th positive (by column order) of each anchor, ``found`` [A] whether the anchor has
+    more than k positives (else ``idx`` is a valid dummy column), and ``sel`` [A, M] the
+    one-hot of ``idx`` on rows with ``found``. The number of steps is the largest number of
+    positives of an anchor (K - 1 on a P x K batch), so an ``fn`` doing O(A M) work costs
+    O(A M K) time and O(A M) memory: the all-pairs methods never build an [A, M, M] array.
+    (It replaces a per-row sort + binary search: XLA:CPU's sort takes ~0.7 s on a
+    2048 x 2048 matrix, far longer than the whole loss should.)
+
+    Run it on stopped (non-differentiated) values; ``lax.while_loop`` has no reverse-mode
+    rule.
+
+    Args:
+      pos_mask: bool [A, M].
+      fn: ``(carry, sel, idx, found) -> carry``.
+      init: the initial carry (a pytree of arrays).
+
+    Returns:
+      The final carry.
+    """
+    num_cols = pos_mask.shape[-1]
+    cols = jnp.arange(num_cols, dtype=jnp.int32)
+    num_steps = jnp.max(jnp.sum(pos_mask, axis=-1, dtype=jnp.int32))
+
+    def body(state):
+        step, prev, carry = state
+        # The next positive after the previous one: no [A, M] "remaining" mask is carried.
+        nxt = jnp.min(jnp.where(pos_mask & (cols > prev[..., None]), cols, num_cols), axis=-1)
+        found = nxt < num_cols
+        idx = jnp.minimum(nxt, num_cols - 1)
+        sel = (cols == nxt[..., None])
+        return step + 1, nxt, fn(carry, sel, idx, found)
+
+    prev = jnp.full(pos_mask.shape[:-1], -1, jnp.int32)
+    # Inside shard_map the body's outputs vary over the device axes the data varies over; the
+    # loop carry must start out just as varying.
+    prev, init = _vary_like((prev, init), pos_mask)
+    state = (jnp.zeros((), jnp.int32), prev, init)
+    return jax.lax.while_loop(lambda state: state[0] < num_steps, body, state)[2]
+
+
+def _varying_axes(x: Any) -> frozenset:
+    """The ``shard_map`` axes ``x`` varies over (empty outside ``shard_map``)."""
+    aval = jax.typeof(x)
+    manual = getattr(aval, "manual_axis_type", None)   # JAX >= 0.9
+    if manual is not None:
+        return frozenset(manual.varying)
+    return frozenset(getattr(aval, "vma", ()))          # older JAX
+
+
+def _vary_like(tree: Any, like: jax.Array) -> Any:
+    """Marks ``tree`` as varying over the ``shard_map`` axes that ``like`` varies over."""
+    axes = _varying_axes(like)
+    if not axes:
+        return tree
+
+    def cast(x):
+        missing = tuple(sorted(axes - _varying_axes(x)))
+        return jax.lax.pcast(x, missing, to="varying") if missing else x
+    return jax.tree.map(cast, tree)
+
+
+def semihard_negative(sim: jax.Array, neg_mask: jax.Array, sim_ap: jax.Array,
+                      fallback: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array]:
+    """One semi-hard negative per row: the most similar with ``sim < sim_ap``, else fallback.
+
+    Args:
+      sim: stopped similarities [A, M].
+      neg_mask: bool [A, M].
+      sim_ap: [A, 1] the positive's similarity of each row.
+      fallback: ``(index [A], value [A])`` used where no negative is below ``sim_ap`` (the
+        least similar negative, for the TFA rule).
+
+    Returns:
+      ``(index [A] int32, value [A])``.
+    """
+    idx, value, found = _masked_argmax(sim, neg_mask & (sim < sim_ap))
+    return jnp.where(found, idx, fallback[0]), jnp.where(found, value, fallback[1])
+
+
+def least_similar(sim: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Row-wise argmin over ``mask``: ``(index, value, found)``, first index on ties."""
+    idx, neg_value, found = _masked_argmax(-sim, mask)
+    return idx, -neg_value, found
+
+
+def mine_semihard(sim: ArrayLike, labels: ArrayLike, ref_labels: ArrayLike | None = None, *,
+                  query_offset: ArrayLike = 0) -> Triplets:
+    r"""Semi-hard negatives for *every* anchor-positive pair (TensorFlow Addons semantics).
+
+    For each pair (a, p) the negative is the most similar one that is strictly less similar
+    than the positive; when there is none, the least similar negative of the anchor:
+
+    .. math::
+        n(a, p) = \begin{cases}
+          \arg\max_{n:\, S_{an} < S_{ap}} S_{an} & \text{if such } n \text{ exists} \\
+          \arg\min_{n} S_{an} & \text{otherwise}
+        \end{cases}
+
+    In distances this is FaceNet's semi-hard rule ("closest negative farther than the
+    positive, else the farthest negative"); the margin plays no part in the choice. Cost:
+    O(A M) per positive slot (:func:`fold_positives`), O(A M) memory.
+
+    Args:
+      sim: similarities [A, M] (larger is closer).
+      labels: integer labels of the anchors, [A].
+      ref_labels: integer labels of the reference rows, [M]; defaults to ``labels``.
+      query_offset: row of anchor 0 in the reference set (excludes self-pairs).
+
+    Returns:
+      :class:`Triplets` with fields of shape [A, M]: entry (a, j) is the triplet with
+      positive j; ``valid`` = j is a positive of a and a has at least one negative.
+
+    Raises:
+      ValueError, TypeError: for wrongly shaped or typed arguments (the message names them).
+
+    Examples:
+      >>> sim = jnp.array([[1.0, 0.5, 0.6, 0.7], [0.5, 1.0, 0.4, 0.3],
+      ...                  [0.6, 0.4, 1.0, 0.9], [0.7, 0.3, 0.9, 1.0]])
+      >>> t = mine_semihard(sim, jnp.array([0, 0, 1, 1]))
+      >>> t.negative[1, 0].item(), t.negative[2, 3].item()   # below the positive
+      (2, 0)
+      >>> t.negative[0, 1].item()   # none below 0.5: the least similar negative
+      2
+      >>> t.valid[0].tolist()
+      [False, True, False, False]
+
+    References:
+      Schroff, Kalenichenko, Philbin. FaceNet. CVPR 2015;
+      TensorFlow Addons ``tfa.losses.TripletSemiHardLoss``.
+    """
+    sim, pos_mask, neg_mask = _prepare(sim, labels, ref_labels, query_offset)
+    far_idx, far_value, has_neg = least_similar(sim, neg_mask)
+
+    def choose(negative, sel, pos_idx, _):
+        sim_ap = jnp.take_along_axis(sim, pos_idx[:, None], axis=1)
+        idx, _ = semihard_negative(sim, neg_mask, sim_ap, (far_idx, far_value))
+        return jnp.where(sel, idx[:, None], negative)
+
+    negative = fold_positives(pos_mask, choose, jnp.zeros(sim.shape, jnp.int32))
+    anchor = jnp.broadcast_to(_anchors(sim)[:, None], sim.shape)
+    positive = jnp.broadcast_to(jnp.arange(sim.shape[1], dtype=jnp.int32), sim.shape)
+    return Triplets(anchor, positive, negative, pos_mask & has_neg[:, None])
+
+
+def gather_sims(sim: ArrayLike, t: Triplets) -> tuple[jax.Array, jax.Array]:
+    """Differentiable ``(sim_ap, sim_an)`` of mined triplets, each shaped like ``t.anchor``.
+
+    Args:
+      sim: the live (differentiable) similarity matrix [A, M] the triplets were mined on.
+      t: :class:`Triplets`.
+
+    Returns:
+      ``(sim_ap, sim_an)``, each shaped like ``t.anchor``.
+
+    Examples:
+      >>> sim = jnp.array([[1.0, 0.75, 0.25], [0.75, 1.0, 0.5], [0.25, 0.5, 1.0]])
+      >>> s_ap, s_an = gather_sims(sim, mine_hardest(sim, jnp.array([0, 0, 1])))
+      >>> s_ap.tolist(), s_an.tolist()
+      ([0.75, 0.75, 0.25], [0.25, 0.5, 0.5])
+    """
+    sim = jnp.asarray(sim)
+    _checks.check_floating_matrix(sim, "sim")
+    return sim[t.anchor, t.positive], sim[t.anchor, t.negative]
