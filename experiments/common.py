@@ -44,7 +44,11 @@ def base_config():
         image_size=0, train_resize=0, augment=False, pad_classes=True, data_dir=""))
     c.model = ml_collections.ConfigDict(dict(
         backbone="mlp", embedding_dim=64, normalize=False, dtype="float32"))
-    c.objective = ml_collections.ConfigDict(dict(METHODS["sct"]))
+    # memory_size / memory_start_step: cross-batch memory (hnm.memory; 0 = off), read by the
+    # trainer and never passed to objectives.get. Here so `--config.objective.memory_size=N`
+    # works on the command line.
+    c.objective = ml_collections.ConfigDict(dict(METHODS["sct"], memory_size=0,
+                                                 memory_start_step=0))
     c.optim = ml_collections.ConfigDict(dict(
         name="adam", learning_rate=1e-3, momentum=0.0, weight_decay=0.0, schedule="step",
         decay_at=(), decay_factor=0.1, warmup_steps=0))

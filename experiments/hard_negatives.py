@@ -79,7 +79,7 @@ def plot_curves(runs: dict[str, list[list[dict]]], path: str, key: str, ylabel: 
         ax.fill_between(xs[0][:n], y.mean(0) - y.std(0), y.mean(0) + y.std(0), alpha=0.2)
     ax.set_xlabel("training step")
     ax.set_ylabel(ylabel)
-    ax.set_title(f"{ylabel} during training (mean ± std over seeds)")
+    ax.set_title(f"{ylabel}\nduring training (mean ± std over seeds)", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()

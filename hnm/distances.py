@@ -10,7 +10,7 @@ embeddings (the square root gets a floor, the normaliser divides by ``max(norm, 
 """
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -20,6 +20,9 @@ from hnm import _checks
 
 NORM_EPS = 1e-12      # the official SCT code: x / max(||x||, 1e-12)
 SQRT_EPS = 1e-12      # floor of a squared distance under sqrt: finite gradient at 0
+# Label of reference rows that take part in nothing (empty cross-batch memory slots,
+# padding): never a positive, never a negative. The int32 minimum, which no dataset uses.
+MASKED_LABEL = int(jnp.iinfo(jnp.int32).min)
 
 
 def l2_normalize(x: ArrayLike, axis: int = -1, eps: float = NORM_EPS) -> jax.Array:
@@ -138,6 +141,10 @@ def label_masks(labels: ArrayLike, ref_labels: ArrayLike | None = None, *,
     the labels differ. With the reference set the ``all_gather`` of every device's batch,
     ``query_offset = axis_index * local_batch`` removes exactly the self-pairs.
 
+    A reference row labelled :data:`MASKED_LABEL` (an empty cross-batch memory slot,
+    padding) is neither a positive nor a negative of any query: its column of both masks is
+    false, so every miner, loss and statistic built on these masks ignores it.
+
     Args:
       labels: [A] integer labels of the queries (anchors).
       ref_labels: [M] integer labels of the reference set; defaults to ``labels``.
@@ -145,6 +152,12 @@ def label_masks(labels: ArrayLike, ref_labels: ArrayLike | None = None, *,
 
     Returns:
       ``(pos_mask, neg_mask)``, both bool [A, M].
+
+    Examples:
+      >>> pos, neg = label_masks(jnp.array([0, 1]), jnp.array([0, 1, MASKED_LABEL, 0]))
+      >>> pos.tolist(), neg.tolist()
+      ([[False, False, False, True], [False, False, False, False]], \
+[[False, True, False, False], [True, False, False, True]])
     """
     labels = jnp.asarray(labels)
     ref_labels = labels if ref_labels is None else jnp.asarray(ref_labels)
@@ -153,7 +166,16 @@ def label_masks(labels: ArrayLike, ref_labels: ArrayLike | None = None, *,
     same = labels[:, None] == ref_labels[None, :]
     rows = jnp.arange(labels.shape[0])[:, None] + query_offset
     cols = jnp.arange(ref_labels.shape[0])[None, :]
-    return same & (rows != cols), ~same
+    pos_mask, neg_mask = same & (rows != cols), ~same
+    if _can_hold_masked_label(ref_labels.dtype):  # else no entry can be masked
+        usable = (ref_labels != MASKED_LABEL)[None, :]
+        pos_mask, neg_mask = pos_mask & usable, neg_mask & usable
+    return pos_mask, neg_mask
+
+
+def _can_hold_masked_label(dtype) -> bool:
+    return (jnp.issubdtype(dtype, jnp.signedinteger)
+            and int(jnp.iinfo(dtype).min) <= MASKED_LABEL)
 
 
 class ReferenceSet(NamedTuple):
@@ -164,20 +186,60 @@ class ReferenceSet(NamedTuple):
 
 
 def reference_set(embeddings: jax.Array, labels: jax.Array,
-                  axis_name: str | None = None) -> ReferenceSet:
-    """The local batch, or with ``axis_name`` the ``all_gather`` of all devices' batches.
+                  axis_name: str | None = None, memory: Any = None, *,
+                  normalize_memory: bool = False) -> ReferenceSet:
+    """The local batch, or with ``axis_name`` the ``all_gather`` of all devices' batches,
+    followed by the rows of a cross-batch memory when one is given.
 
     The gather is differentiable: its transpose sums each device's cotangent back onto the
     rows it came from, so a loss on local anchors against the global reference set gets the
     same gradient as one device holding the concatenated batch (after the caller ``psum``s
     the parameter gradients).
+
+    Memory rows (:class:`hnm.memory.Memory`: ``embeddings [K, D]``, ``labels [K]``, the same
+    on every device) come *after* the batch rows, so ``query_offset`` is unchanged; they are
+    stopped (no gradient) and their empty slots carry :data:`MASKED_LABEL`.
+
+    Args:
+      embeddings: [B, D] this device's (already normalised, if the caller normalises) rows.
+      labels: [B] integer.
+      axis_name: gather over this ``pmap``/``shard_map`` axis; None for one device.
+      memory: None, or a cross-batch memory whose rows are appended.
+      normalize_memory: L2-normalise the memory rows (when the caller normalised the batch).
+
+    Returns:
+      :class:`ReferenceSet` with ``B * devices (+ K)`` rows.
+
+    Raises:
+      ValueError, TypeError: a memory of the wrong shape, dtype or dimension.
     """
     if axis_name is None:
-        return ReferenceSet(embeddings, labels, jnp.zeros((), jnp.int32))
-    ref_emb = jax.lax.all_gather(embeddings, axis_name, tiled=True)
-    ref_labels = jax.lax.all_gather(labels, axis_name, tiled=True)
-    offset = jax.lax.axis_index(axis_name) * embeddings.shape[0]
-    return ReferenceSet(ref_emb, ref_labels, offset.astype(jnp.int32))
+        ref_emb, ref_labels = embeddings, labels
+        offset = jnp.zeros((), jnp.int32)
+    else:
+        ref_emb = jax.lax.all_gather(embeddings, axis_name, tiled=True)
+        ref_labels = jax.lax.all_gather(labels, axis_name, tiled=True)
+        offset = (jax.lax.axis_index(axis_name) * embeddings.shape[0]).astype(jnp.int32)
+    if memory is not None:
+        if not (hasattr(memory, "embeddings") and hasattr(memory, "labels")):
+            raise TypeError("`memory` must be a hnm.memory.Memory or None; got "
+                            f"{type(memory).__name__}.")
+        mem_emb, mem_labels = jnp.asarray(memory.embeddings), jnp.asarray(memory.labels)
+        _checks.check_floating_matrix(mem_emb, "memory.embeddings")
+        _checks.check_labels(mem_labels, "memory.labels", mem_emb.shape[0],
+                             "memory.embeddings")
+        if mem_emb.shape[1] != embeddings.shape[1]:
+            raise ValueError(f"`memory.embeddings` has dimension {mem_emb.shape[1]} but the "
+                             f"embeddings have {embeddings.shape[1]}; they must match.")
+        # Memory rows were embedded by older parameters: candidates only, never trained.
+        mem_emb = jax.lax.stop_gradient(mem_emb).astype(ref_emb.dtype)
+        if normalize_memory:
+            mem_emb = l2_normalize(mem_emb)
+        ref_emb = jnp.concatenate([ref_emb, mem_emb])
+        # A dtype that holds MASKED_LABEL (int8 / bool labels would wrap it to a real class).
+        dtype = jnp.promote_types(ref_labels.dtype, jnp.int32)
+        ref_labels = jnp.concatenate([ref_labels.astype(dtype), mem_labels.astype(dtype)])
+    return ReferenceSet(ref_emb, ref_labels, offset)
 
 
 def global_sum(x: ArrayLike, axis_name: str | None = None) -> jax.Array:

@@ -17,6 +17,12 @@ positive, the official ``hn_ratio``), ``mean_sim_ap``, ``mean_sim_an`` (in the o
 similarity), ``frac_active`` (valid triplets with a non-zero loss), ``loss`` (the global value,
 no gradient) and, for ``sct``, ``num_easy`` / ``num_hard``.
 
+Cross-batch memory (every objective, call-time keyword ``memory``, :mod:`hnm.memory`): the
+memory's rows are appended to the reference set after the (gathered) batch, stopped and
+normalised like the batch; the anchors stay the local rows, so the self-pair offset and the
+loss normalisation are unchanged. Empty or warm-up-masked slots carry
+``distances.MASKED_LABEL`` and count for nothing: an empty memory gives the plain objective.
+
 Speed: the per-anchor objectives (``ephn``, ``epshn``, ``sct``, ``batch_hard``) mine on one
 stopped similarity matrix and recompute only the chosen similarities from gathered rows, so
 their backward pass is O(B D) instead of another B x B x D matmul. ``semihard`` and
@@ -44,6 +50,7 @@ from hnm import distances
 from hnm import losses
 from hnm import miners
 from hnm import pair_losses
+from hnm.memory import Memory
 
 Aux = dict[str, jax.Array]
 Objective = Callable[..., tuple[jax.Array, Aux]]
@@ -51,6 +58,8 @@ Objective = Callable[..., tuple[jax.Array, Aux]]
 DISTANCES = ("euclidean", "cosine", "squared_euclidean")
 REDUCTIONS = ("mean", "avg_nonzero")
 NORMALIZATIONS = ("joint", "separate")
+# Keyword arguments given per call (or by ``get`` itself), never bound as options.
+CALL_TIME = ("axis_name", "memory")
 VALID_SIM_BOUND = 1.0  # official SCT code: chosen cosines must lie strictly inside (-1, 1)
 
 
@@ -64,14 +73,17 @@ def _check_choice(value: Any, name: str, choices: tuple[str, ...]) -> None:
 
 
 def _prepare(embeddings: ArrayLike, labels: ArrayLike, normalize: bool,
-             axis_name: str | None) -> tuple[jax.Array, jax.Array, distances.ReferenceSet]:
-    """Checks, optionally L2-normalises, and builds the (possibly global) reference set."""
+             axis_name: str | None, memory: Memory | None = None
+             ) -> tuple[jax.Array, jax.Array, distances.ReferenceSet]:
+    """Checks, optionally L2-normalises, and builds the (possibly global) reference set,
+    followed by the memory rows (normalised like the batch) when a memory is given."""
     embeddings, labels = jnp.asarray(embeddings), jnp.asarray(labels)
     _checks.check_embeddings_and_labels(embeddings, labels)
     if normalize:
         # Normalise before the gather: each device normalises only its own rows.
         embeddings = distances.l2_normalize(embeddings)
-    return embeddings, labels, distances.reference_set(embeddings, labels, axis_name)
+    return embeddings, labels, distances.reference_set(embeddings, labels, axis_name, memory,
+                                                       normalize_memory=normalize)
 
 
 def _similarity_matrix(emb: jax.Array, ref: jax.Array, distance: str) -> jax.Array:
@@ -151,7 +163,8 @@ def _reduce(per_triplet: jax.Array, valid: jax.Array, reduction: str,
 # The official SCT code's objectives: ephn, epshn, sct (cosine similarity, T = 0.1).
 
 
-def _official_triplets(embeddings, labels, axis_name, miner, duplicate_threshold):
+def _official_triplets(embeddings, labels, axis_name, miner, duplicate_threshold,
+                       memory=None):
     """Mining and S_ap / S_an exactly as ``littleredxh/HardNegative`` ``_code/Loss.py``.
 
     x / max(||x||, 1e-12); one stopped cosine matrix for the choice (self-pairs excluded);
@@ -159,7 +172,7 @@ def _official_triplets(embeddings, labels, axis_name, miner, duplicate_threshold
     strictly inside (-1, 1) (the official code marks "none found" with -1, so a chosen cosine
     of exactly -1, or a negative duplicate at 1, also invalidates the anchor).
     """
-    emb, labels, ref = _prepare(embeddings, labels, True, axis_name)
+    emb, labels, ref = _prepare(embeddings, labels, True, axis_name, memory)
     # The mining matrix is computed once and never differentiated.
     mine_sim = jax.lax.stop_gradient(emb @ ref.embeddings.T)
     t = miner(mine_sim, labels, ref.labels, query_offset=ref.query_offset,
@@ -172,16 +185,18 @@ def _official_triplets(embeddings, labels, axis_name, miner, duplicate_threshold
     return sim_ap, sim_an, valid
 
 
-def _soft_objective(embeddings, labels, axis_name, miner, temperature, duplicate_threshold):
+def _soft_objective(embeddings, labels, axis_name, miner, temperature, duplicate_threshold,
+                    memory):
     sim_ap, sim_an, valid = _official_triplets(embeddings, labels, axis_name, miner,
-                                               duplicate_threshold)
+                                               duplicate_threshold, memory)
     per_triplet = losses.soft_triplet_loss(sim_ap, sim_an, temperature=temperature)
     loss = _reduce(per_triplet, valid, "mean", axis_name)
     return loss, _triplet_aux(sim_ap, sim_an, per_triplet, valid, loss, axis_name)
 
 
 def ephn(embeddings: ArrayLike, labels: ArrayLike, key: jax.Array | None = None, *,
-         axis_name: str | None = None, temperature: ArrayLike = losses.TEMPERATURE,
+         axis_name: str | None = None, memory: Memory | None = None,
+         temperature: ArrayLike = losses.TEMPERATURE,
          duplicate_threshold: float = miners.DUPLICATE_THRESHOLD) -> tuple[jax.Array, Aux]:
     r"""Easy-positive / hard-negative soft triplet loss (official ``hn`` setting).
 
@@ -199,6 +214,7 @@ def ephn(embeddings: ArrayLike, labels: ArrayLike, key: jax.Array | None = None,
       labels: [B] integer.
       key: unused (deterministic); accepted for a uniform objective signature.
       axis_name: mine across devices over this ``pmap``/``shard_map`` axis.
+      memory: a cross-batch memory (:mod:`hnm.memory`) whose rows join the candidates.
       temperature: T.
       duplicate_threshold: positives with cosine above this are skipped.
 
@@ -215,11 +231,12 @@ def ephn(embeddings: ArrayLike, labels: ArrayLike, key: jax.Array | None = None,
     del key
     return _soft_objective(embeddings, labels, axis_name,
                            miners.mine_easy_positive_hard_negative, temperature,
-                           duplicate_threshold)
+                           duplicate_threshold, memory)
 
 
 def epshn(embeddings: ArrayLike, labels: ArrayLike, key: jax.Array | None = None, *,
-          axis_name: str | None = None, temperature: ArrayLike = losses.TEMPERATURE,
+          axis_name: str | None = None, memory: Memory | None = None,
+          temperature: ArrayLike = losses.TEMPERATURE,
           duplicate_threshold: float = miners.DUPLICATE_THRESHOLD) -> tuple[jax.Array, Aux]:
     r"""Easy-positive / semi-hard-negative soft triplet loss (official ``shn`` setting).
 
@@ -236,6 +253,7 @@ def epshn(embeddings: ArrayLike, labels: ArrayLike, key: jax.Array | None = None
       labels: [B] integer.
       key: unused.
       axis_name: mine across devices over this axis.
+      memory: a cross-batch memory whose rows join the candidates (not the anchors).
       temperature: T.
       duplicate_threshold: positives with cosine above this are skipped.
 
@@ -251,13 +269,14 @@ def epshn(embeddings: ArrayLike, labels: ArrayLike, key: jax.Array | None = None
     del key
     return _soft_objective(embeddings, labels, axis_name,
                            miners.mine_easy_positive_semihard_negative, temperature,
-                           duplicate_threshold)
+                           duplicate_threshold, memory)
 
 
 def sct(embeddings: ArrayLike, labels: ArrayLike, key: jax.Array | None = None, *,
-        axis_name: str | None = None, temperature: ArrayLike = losses.TEMPERATURE,
-        hard_weight: ArrayLike = 1.0, hard_threshold: ArrayLike = losses.HARD_THRESHOLD,
-        hard_rule: str = "or", normalization: str = "joint",
+        axis_name: str | None = None, memory: Memory | None = None,
+        temperature: ArrayLike = losses.TEMPERATURE, hard_weight: ArrayLike = 1.0,
+        hard_threshold: ArrayLike = losses.HARD_THRESHOLD, hard_rule: str = "or",
+        normalization: str = "joint",
         duplicate_threshold: float = miners.DUPLICATE_THRESHOLD) -> tuple[jax.Array, Aux]:
     r"""Selectively Contrastive Triplet loss on easy-positive / hard-negative triplets.
 
@@ -286,6 +305,7 @@ def sct(embeddings: ArrayLike, labels: ArrayLike, key: jax.Array | None = None, 
       key: unused.
       axis_name: mine across devices over this axis; the joint divisor is then the global
         :math:`|E| + |H|`.
+      memory: a cross-batch memory whose rows join the candidates (not the anchors).
       temperature: T of the easy term.
       hard_weight: :math:`\lambda`.
       hard_threshold: t of the hard rule.
@@ -307,7 +327,7 @@ def sct(embeddings: ArrayLike, labels: ArrayLike, key: jax.Array | None = None, 
     _check_choice(normalization, "normalization", NORMALIZATIONS)
     sim_ap, sim_an, valid = _official_triplets(
         embeddings, labels, axis_name, miners.mine_easy_positive_hard_negative,
-        duplicate_threshold)
+        duplicate_threshold, memory)
     easy, hard = losses.sct_masks(sim_ap, sim_an, hard_threshold=hard_threshold,
                                   hard_rule=hard_rule)
     easy, hard = easy & valid, hard & valid
@@ -335,8 +355,9 @@ def _check_metric_options(distance: str, reduction: str | None = None) -> None:
 
 
 def batch_hard(embeddings: ArrayLike, labels: ArrayLike, key: jax.Array | None = None, *,
-               axis_name: str | None = None, margin: ArrayLike = 0.2,
-               distance: str = "euclidean", normalize: bool = True, soft: bool = False,
+               axis_name: str | None = None, memory: Memory | None = None,
+               margin: ArrayLike = 0.2, distance: str = "euclidean", normalize: bool = True,
+               soft: bool = False,
                reduction: str = "mean") -> tuple[jax.Array, Aux]:
     r"""Batch-hard triplet loss: hardest positive and hardest negative per anchor.
 
@@ -357,6 +378,7 @@ def batch_hard(embeddings: ArrayLike, labels: ArrayLike, key: jax.Array | None =
       labels: [B] integer.
       key: unused.
       axis_name: mine across devices over this axis.
+      memory: a cross-batch memory whose rows join the candidates (not the anchors).
       margin: m, in units of the chosen distance.
       distance: ``"euclidean"``, ``"cosine"`` (similarity, always on normalised rows) or
         ``"squared_euclidean"``.
@@ -376,7 +398,7 @@ def batch_hard(embeddings: ArrayLike, labels: ArrayLike, key: jax.Array | None =
     del key
     _check_metric_options(distance, reduction)
     emb, labels, ref = _prepare(embeddings, labels, normalize or distance == "cosine",
-                                axis_name)
+                                axis_name, memory)
     # One stopped matrix for the choice; the loss recomputes only the chosen pairs.
     mine_sim = _mining_matrix(emb, ref.embeddings, distance)
     t = miners.mine_hardest(mine_sim, labels, ref.labels, query_offset=ref.query_offset)
@@ -391,8 +413,9 @@ def batch_hard(embeddings: ArrayLike, labels: ArrayLike, key: jax.Array | None =
 
 
 def semihard(embeddings: ArrayLike, labels: ArrayLike, key: jax.Array | None = None, *,
-             axis_name: str | None = None, margin: ArrayLike = 0.2,
-             distance: str = "euclidean", normalize: bool = True) -> tuple[jax.Array, Aux]:
+             axis_name: str | None = None, memory: Memory | None = None,
+             margin: ArrayLike = 0.2, distance: str = "euclidean",
+             normalize: bool = True) -> tuple[jax.Array, Aux]:
     r"""Semi-hard triplet loss over every anchor-positive pair (TFA ``TripletSemiHardLoss``).
 
     .. math::
@@ -410,6 +433,7 @@ def semihard(embeddings: ArrayLike, labels: ArrayLike, key: jax.Array | None = N
       labels: [B] integer.
       key: unused.
       axis_name: mine across devices over this axis.
+      memory: a cross-batch memory whose rows join the candidates (not the anchors).
       margin: m.
       distance: ``"euclidean"`` (TFA's ``"L2"``), ``"cosine"`` or ``"squared_euclidean"``.
       normalize: L2-normalise the embeddings first.
@@ -426,7 +450,7 @@ def semihard(embeddings: ArrayLike, labels: ArrayLike, key: jax.Array | None = N
     del key
     _check_metric_options(distance)
     emb, labels, ref = _prepare(embeddings, labels, normalize or distance == "cosine",
-                                axis_name)
+                                axis_name, memory)
     sim = _similarity_matrix(emb, ref.embeddings, distance)
     st = losses.semihard_margin_sums(sim, labels, ref.labels, query_offset=ref.query_offset,
                                      margin=margin)
@@ -439,8 +463,8 @@ def semihard(embeddings: ArrayLike, labels: ArrayLike, key: jax.Array | None = N
 
 
 def batch_all(embeddings: ArrayLike, labels: ArrayLike, key: jax.Array | None = None, *,
-              axis_name: str | None = None, margin: ArrayLike = 0.2,
-              distance: str = "euclidean", normalize: bool = True,
+              axis_name: str | None = None, memory: Memory | None = None,
+              margin: ArrayLike = 0.2, distance: str = "euclidean", normalize: bool = True,
               reduction: str = "avg_nonzero") -> tuple[jax.Array, Aux]:
     r"""Hinge triplet loss over all triplets (a, p, n) of the batch.
 
@@ -459,6 +483,7 @@ def batch_all(embeddings: ArrayLike, labels: ArrayLike, key: jax.Array | None = 
       labels: [B] integer.
       key: unused.
       axis_name: mine across devices over this axis.
+      memory: a cross-batch memory whose rows join the candidates (not the anchors).
       margin: m.
       distance: ``"euclidean"``, ``"cosine"`` or ``"squared_euclidean"``.
       normalize: L2-normalise the embeddings first.
@@ -477,7 +502,7 @@ def batch_all(embeddings: ArrayLike, labels: ArrayLike, key: jax.Array | None = 
     del key
     _check_metric_options(distance, reduction)
     emb, labels, ref = _prepare(embeddings, labels, normalize or distance == "cosine",
-                                axis_name)
+                                axis_name, memory)
     sim = _similarity_matrix(emb, ref.embeddings, distance)
     at = losses.all_triplets_margin_sums(sim, labels, ref.labels,
                                          query_offset=ref.query_offset, margin=margin)
@@ -524,7 +549,7 @@ def options(name: str) -> dict[str, Any]:
     """The options of objective ``name`` and their defaults."""
     fn = _lookup(name)
     return {p.name: p.default for p in inspect.signature(fn).parameters.values()
-            if p.kind is inspect.Parameter.KEYWORD_ONLY and p.name != "axis_name"}
+            if p.kind is inspect.Parameter.KEYWORD_ONLY and p.name not in CALL_TIME}
 
 
 def _lookup(name: str) -> Objective:
@@ -536,8 +561,8 @@ def _lookup(name: str) -> Objective:
 
 
 def get(name: str, *, axis_name: str | None = None, **opts: Any) -> Objective:
-    """The objective ``name`` with its options bound: ``(embeddings, labels, key=None) ->
-    (loss, aux)``.
+    """The objective ``name`` with its options bound: ``(embeddings, labels, key=None, *,
+    memory=None) -> (loss, aux)``.
 
     Args:
       name: one of :func:`names`.

@@ -3,7 +3,8 @@ r"""Pair objectives: contrastive, multi-similarity, SupCon and distance-weighted
 Every objective here has the signature of the triplet objectives in ``hnm.objectives``
 (which merges :data:`OBJECTIVES` into its registry)::
 
-    loss, aux = objective(embeddings [B, D], labels [B], key=None, *, axis_name=None, **options)
+    loss, aux = objective(embeddings [B, D], labels [B], key=None, *, axis_name=None,
+                          memory=None, **options)
 
 Options are keyword-only; numeric ones may be traced arrays (schedulable), the others
 (``distance``, ``normalize``, ``loss``) are Python values bound before ``jit``.
@@ -18,6 +19,12 @@ are every device's rows (:func:`hnm.distances.reference_set`, an ``all_gather``)
 self-pair is removed through its ``query_offset``. Every count in a denominator is a global
 ``psum``, so the returned loss is this device's *share*: summing the shares, and ``psum``-ing
 the gradients, gives exactly the single-device loss and gradient on the concatenated batch.
+
+**Cross-batch memory.** A call-time ``memory`` (:mod:`hnm.memory`) appends its stopped rows,
+normalised like the batch, to the candidates (after the batch: offsets are unchanged); empty
+slots (``distances.MASKED_LABEL``) are neither positives nor negatives. ``distance_weighted``
+draws column ``j``'s negative from the same uniform as without the memory (threefry bits are
+counter-based, so the first draws of a longer row are the draws of the shorter one).
 
 **aux** (scalars, global over devices, no gradient):
 
@@ -50,6 +57,7 @@ from hnm import _checks
 from hnm import distances
 from hnm import losses
 from hnm import miners
+from hnm.memory import Memory
 
 # Similarity names of hnm.distances that are negated distances (sim = -d): PML's
 # non-inverted distances, whose margins are in distance units.
@@ -158,7 +166,8 @@ def _cosine_of(sim: jax.Array, x: jax.Array, ref: jax.Array, distance: str,
 
 # ------------------------------------------------------------------------- contrastive
 def contrastive(embeddings: ArrayLike, labels: ArrayLike, key: jax.Array | None = None, *,
-                axis_name: str | None = None, pos_margin: ArrayLike = 0.0,
+                axis_name: str | None = None, memory: Memory | None = None,
+                pos_margin: ArrayLike = 0.0,
                 neg_margin: ArrayLike = 1.0, distance: str = "euclidean",
                 normalize: bool = True) -> tuple[jax.Array, Aux]:
     r"""Contrastive loss (Hadsell et al.) over all ordered pairs, as PML's ``ContrastiveLoss``.
@@ -182,6 +191,7 @@ def contrastive(embeddings: ArrayLike, labels: ArrayLike, key: jax.Array | None 
       labels: [B] integer labels.
       key: unused (deterministic objective); accepted for a uniform signature.
       axis_name: pmap / shard_map axis to mine across devices; None for one device.
+      memory: a cross-batch memory whose rows join the candidates (not the anchors).
       pos_margin: :math:`m_+`, in the units of ``distance``.
       neg_margin: :math:`m_-`, in the units of ``distance``.
       distance: a name of :func:`hnm.distances.get_similarity`.
@@ -208,7 +218,7 @@ def contrastive(embeddings: ArrayLike, labels: ArrayLike, key: jax.Array | None 
     embeddings, labels = _prepare(embeddings, labels)
     sim_fn = distances.get_similarity(distance)
     x = distances.l2_normalize(embeddings) if normalize else embeddings
-    ref = distances.reference_set(x, labels, axis_name)
+    ref = distances.reference_set(x, labels, axis_name, memory, normalize_memory=normalize)
     sim = sim_fn(x, ref.embeddings)
     pos_mask, neg_mask = distances.label_masks(labels, ref.labels,
                                                query_offset=ref.query_offset)
@@ -275,7 +285,8 @@ def mine_multi_similarity(sim: ArrayLike, labels: ArrayLike,
 
 
 def multi_similarity(embeddings: ArrayLike, labels: ArrayLike, key: jax.Array | None = None,
-                     *, axis_name: str | None = None, alpha: ArrayLike = 2.0,
+                     *, axis_name: str | None = None, memory: Memory | None = None,
+                     alpha: ArrayLike = 2.0,
                      beta: ArrayLike = 50.0, base: ArrayLike = 0.5,
                      epsilon: ArrayLike = 0.1) -> tuple[jax.Array, Aux]:
     r"""Multi-similarity loss with its pair miner, as PML's MS loss + MS miner.
@@ -298,6 +309,7 @@ def multi_similarity(embeddings: ArrayLike, labels: ArrayLike, key: jax.Array | 
       labels: [B] integer labels.
       key: unused (deterministic objective).
       axis_name: pmap / shard_map axis to mine across devices; None for one device.
+      memory: a cross-batch memory whose rows join the candidates (not the anchors).
       alpha: :math:`\alpha > 0`, the positive scale.
       beta: :math:`\beta > 0`, the negative scale.
       base: :math:`\lambda`, the similarity offset.
@@ -318,7 +330,7 @@ def multi_similarity(embeddings: ArrayLike, labels: ArrayLike, key: jax.Array | 
     _check_positive(alpha, "alpha")
     _check_positive(beta, "beta")
     x = distances.l2_normalize(embeddings)
-    ref = distances.reference_set(x, labels, axis_name)
+    ref = distances.reference_set(x, labels, axis_name, memory, normalize_memory=True)
     sim = distances.dot_similarity(x, ref.embeddings)
     pos_mask, neg_mask = distances.label_masks(labels, ref.labels,
                                                query_offset=ref.query_offset)
@@ -346,7 +358,7 @@ def multi_similarity(embeddings: ArrayLike, labels: ArrayLike, key: jax.Array | 
 
 # ---------------------------------------------------------------------------- SupCon
 def supcon(embeddings: ArrayLike, labels: ArrayLike, key: jax.Array | None = None, *,
-           axis_name: str | None = None,
+           axis_name: str | None = None, memory: Memory | None = None,
            temperature: ArrayLike = 0.1) -> tuple[jax.Array, Aux]:
     r"""Supervised contrastive loss (Khosla et al.), as PML's ``SupConLoss``.
 
@@ -368,6 +380,7 @@ def supcon(embeddings: ArrayLike, labels: ArrayLike, key: jax.Array | None = Non
       labels: [B] integer labels.
       key: unused (deterministic objective).
       axis_name: pmap / shard_map axis to mine across devices; None for one device.
+      memory: a cross-batch memory whose rows join the candidates (not the anchors).
       temperature: :math:`\tau > 0`.
 
     Returns:
@@ -383,13 +396,17 @@ def supcon(embeddings: ArrayLike, labels: ArrayLike, key: jax.Array | None = Non
     embeddings, labels = _prepare(embeddings, labels)
     _check_positive(temperature, "temperature")
     x = distances.l2_normalize(embeddings)
-    ref = distances.reference_set(x, labels, axis_name)
+    ref = distances.reference_set(x, labels, axis_name, memory, normalize_memory=True)
     sim = distances.dot_similarity(x, ref.embeddings)
     pos_mask, neg_mask = distances.label_masks(labels, ref.labels,
                                                query_offset=ref.query_offset)
     logits = sim / temperature
+    shift_from = logits
+    if memory is not None:  # empty memory slots must not move the shift (exact no-op memory)
+        usable = (ref.labels != distances.MASKED_LABEL)[None, :]
+        shift_from = jnp.where(usable, logits, -jnp.inf)
     # stop_gradient: PML detaches the row max; the shift cancels in log_prob anyway.
-    logits = logits - jax.lax.stop_gradient(jnp.max(logits, axis=1, keepdims=True))
+    logits = logits - jax.lax.stop_gradient(jnp.max(shift_from, axis=1, keepdims=True))
     log_denominator = _masked_logsumexp(logits, pos_mask | neg_mask)
     log_prob = logits - log_denominator[:, None]
     num_pos = jnp.sum(pos_mask, axis=1)
@@ -542,7 +559,8 @@ def mine_distance_weighted(key: jax.Array, dist: ArrayLike, labels: ArrayLike,
 
 
 def distance_weighted(embeddings: ArrayLike, labels: ArrayLike, key: jax.Array | None = None,
-                      *, axis_name: str | None = None, cutoff: ArrayLike = 0.5,
+                      *, axis_name: str | None = None, memory: Memory | None = None,
+                      cutoff: ArrayLike = 0.5,
                       nonzero_loss_cutoff: ArrayLike = 1.4, margin: ArrayLike = 0.2,
                       beta: ArrayLike = 1.2, loss: str = "margin") -> tuple[jax.Array, Aux]:
     r"""Distance-weighted negative sampling (Wu et al.) with the margin or triplet loss.
@@ -570,6 +588,7 @@ def distance_weighted(embeddings: ArrayLike, labels: ArrayLike, key: jax.Array |
         every device: the draws depend on the global anchor row only (see
         :func:`sample_distance_weighted`), so sharding does not change them.
       axis_name: pmap / shard_map axis to mine across devices; None for one device.
+      memory: a cross-batch memory whose rows join the candidates (not the anchors).
       cutoff: lower clip of the distance in the sampling weights.
       nonzero_loss_cutoff: negatives this far or farther are never sampled.
       margin: :math:`m`.
@@ -596,7 +615,7 @@ def distance_weighted(embeddings: ArrayLike, labels: ArrayLike, key: jax.Array |
     _check_positive(cutoff, "cutoff")
     _check_positive(nonzero_loss_cutoff, "nonzero_loss_cutoff")
     x = distances.l2_normalize(embeddings)
-    ref = distances.reference_set(x, labels, axis_name)
+    ref = distances.reference_set(x, labels, axis_name, memory, normalize_memory=True)
     dist2 = distances.euclidean_distance(x, ref.embeddings, squared=True)
     dist = distances.safe_sqrt(dist2)
     pos_mask, neg_mask = distances.label_masks(labels, ref.labels,

@@ -10,6 +10,11 @@ change to :func:`make_train_step` alone.
 :func:`train_and_evaluate` reads top to bottom: validate the config, build data, model,
 optimiser and objective, restore the newest checkpoint, loop (log, checkpoint, evaluate),
 write ``metrics.jsonl``, ``eval.json`` and PNG curves into the work directory.
+
+Cross-batch memory (XBM): ``config.objective.memory_size > 0`` keeps a ring buffer of the
+last ``memory_size`` (global-batch) embeddings in ``TrainState.memory`` (checkpointed with the
+rest of the state); from step ``config.objective.memory_start_step`` on, the objective mines
+against it too (:mod:`hnm.memory`).
 """
 from __future__ import annotations
 
@@ -27,8 +32,11 @@ import optax
 from flax.training import train_state
 
 from hnm import analysis, checkpoint, metrics, models, objectives
+from hnm import memory as memory_lib
 
 AXIS = "batch"
+# Keys of config.objective read by the trainer, never passed to objectives.get.
+MEMORY_KEYS = ("memory_size", "memory_start_step")
 # Panels of workdir/training_curves.png: the loss, the official code's hn_ratio, the collapse
 # diagnostics of the logged batch, and test R@1 at each evaluation.
 CURVE_KEYS = ("loss", "frac_hard", "diag/mean_distance", "diag/separation_violation_max",
@@ -36,8 +44,10 @@ CURVE_KEYS = ("loss", "frac_hard", "diag/mean_distance", "diag/separation_violat
 
 
 class TrainState(train_state.TrainState):
-    """``flax.training.train_state.TrainState`` plus BatchNorm statistics (may be empty)."""
+    """``flax.training.train_state.TrainState`` plus BatchNorm statistics (may be empty) and
+    the cross-batch memory (a :class:`hnm.memory.Memory`, or None when off)."""
     batch_stats: Any = None
+    memory: Any = None
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -83,12 +93,17 @@ def make_optimizer(optim: Mapping[str, Any], schedule: optax.Schedule) -> optax.
 
 
 def create_train_state(model, tx: optax.GradientTransformation, key: jax.Array,
-                       image_shape: tuple[int, ...]) -> TrainState:
-    """Initialises parameters (and BatchNorm statistics) on a dummy batch of ``image_shape``."""
+                       image_shape: tuple[int, ...], *, memory_size: int = 0) -> TrainState:
+    """Initialises parameters (and BatchNorm statistics) on a dummy batch of ``image_shape``,
+    and an empty cross-batch memory of ``memory_size`` rows when ``memory_size > 0``."""
     dummy = jnp.zeros((2, *image_shape), jnp.uint8)
     variables = jax.jit(functools.partial(model.init, train=False))({"params": key}, dummy)
+    memory = None
+    if memory_size:
+        emb = jax.eval_shape(functools.partial(model.apply, train=False), variables, dummy)
+        memory = memory_lib.init(int(memory_size), int(emb.shape[-1]))
     state = TrainState.create(apply_fn=model.apply, params=variables["params"], tx=tx,
-                              batch_stats=variables.get("batch_stats", {}))
+                              batch_stats=variables.get("batch_stats", {}), memory=memory)
     # An int32 array step, not Python's weakly typed 0: the step's second call must hit the
     # first call's compilation (one compile per run).
     return state.replace(step=jnp.zeros((), jnp.int32))
@@ -104,7 +119,8 @@ def _variables(state: TrainState, params=None) -> dict:
 
 
 def train_step(state: TrainState, batch: Mapping[str, jax.Array], key: jax.Array, *,
-               objective_fn: Callable, axis_name: str = AXIS) -> tuple[TrainState, dict]:
+               objective_fn: Callable, axis_name: str = AXIS,
+               memory_start_step: int = 0) -> tuple[TrainState, dict]:
     """One optimisation step on this device's slice of the global batch.
 
     ``objective_fn`` was built with ``objectives.get(name, axis_name=axis_name, ...)``: it
@@ -112,31 +128,47 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array], key: jax.Array
     ``psum`` of the gradients is exactly the gradient of one device seeing the whole batch.
     BatchNorm statistics are averaged across devices so the state stays identical everywhere.
 
-    Returns the new state and a dict of scalar metrics, identical on every device.
+    With a cross-batch memory in the state, the objective also mines against it (masked empty
+    before ``memory_start_step``, a traced test: one compilation for both phases), and the
+    global batch's stopped embeddings are then enqueued, identically on every device.
+
+    Returns the new state and a dict of scalar metrics, identical on every device
+    (``memory_fill``: the fraction of memory slots the objective used, when on).
     """
     key = jax.random.fold_in(key, jax.lax.axis_index(axis_name))
+    use_memory = state.memory is not None  # static: the state's structure
+    if use_memory:
+        memory = memory_lib.masked(state.memory, state.step >= memory_start_step)
+        objective_fn = functools.partial(objective_fn, memory=memory)
 
     def loss_fn(params):
         emb, updates = state.apply_fn(_variables(state, params), batch["images"], train=True,
                                       mutable=["batch_stats"])
-        loss, aux = objective_fn(emb.astype(jnp.float32), batch["labels"], key)
-        return loss, (aux, updates)
+        emb = emb.astype(jnp.float32)
+        loss, aux = objective_fn(emb, batch["labels"], key)
+        return loss, (aux, updates, emb)
 
-    (_, (aux, updates)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    (_, (aux, updates, emb)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     grads = jax.lax.psum(grads, axis_name)
     batch_stats = updates.get("batch_stats", state.batch_stats)
     if batch_stats:
         batch_stats = jax.lax.pmean(batch_stats, axis_name)
     new_state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
     step_metrics = {k: jnp.asarray(v, jnp.float32) for k, v in aux.items()}
+    if use_memory:
+        new_state = new_state.replace(memory=memory_lib.enqueue(
+            state.memory, jax.lax.stop_gradient(emb), batch["labels"], axis_name=axis_name))
+        step_metrics["memory_fill"] = memory_lib.fill_fraction(memory)
     step_metrics["l2_grads"] = optax.global_norm(grads)
     step_metrics["l2_params"] = optax.global_norm(new_state.params)
     return new_state, step_metrics
 
 
-def make_train_step(objective_fn: Callable, devices=None) -> Callable:
+def make_train_step(objective_fn: Callable, devices=None, *,
+                    memory_start_step: int = 0) -> Callable:
     """The pmapped step: state and key replicated as one host copy, batch split on axis 0."""
-    return jax.pmap(functools.partial(train_step, objective_fn=objective_fn, axis_name=AXIS),
+    return jax.pmap(functools.partial(train_step, objective_fn=objective_fn, axis_name=AXIS,
+                                      memory_start_step=memory_start_step),
                     axis_name=AXIS, in_axes=(None, 0, None), out_axes=(None, None),
                     devices=devices)
 
@@ -303,17 +335,41 @@ def load_pretrained(state: TrainState, config) -> TrainState:
                          opt_state=state.tx.init(variables["params"]))
 
 
+def memory_options(config) -> tuple[int, int]:
+    """``(memory_size, memory_start_step)`` of ``config.objective`` (0, 0 when absent).
+
+    Raises:
+      ValueError: either is negative or not an integer.
+    """
+    opts = dict(config.objective)
+    out = []
+    for name in MEMORY_KEYS:
+        value = opts.get(name, 0) or 0
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
+            raise ValueError(f"`objective.{name}` must be an integer >= 0; got {value!r}.")
+        out.append(int(value))
+    return out[0], out[1]
+
+
+def _objective_options(config) -> tuple[str, dict]:
+    """``(name, options)`` for ``objectives.get``: the trainer's memory keys removed."""
+    opts = dict(config.objective)
+    for k in MEMORY_KEYS:
+        opts.pop(k, None)
+    return opts.pop("name"), opts
+
+
 def check_config(config) -> None:
     """Fails in one line, before anything compiles, on an unknown objective or option."""
-    opts = dict(config.objective)
-    name = opts.pop("name")
+    memory_options(config)
+    name, opts = _objective_options(config)
     objectives.get(name, **opts)
     models.create(model_config(config))
 
 
 def build_objective(config, axis_name: str | None = AXIS) -> Callable:
-    opts = dict(config.objective)
-    return objectives.get(opts.pop("name"), axis_name=axis_name, **opts)
+    name, opts = _objective_options(config)
+    return objectives.get(name, axis_name=axis_name, **opts)
 
 
 # ----------------------------------------------------------------------------- the run
@@ -338,8 +394,9 @@ def train_and_evaluate(config, workdir: str, *, progress: bool | None = None) ->
     model = models.create(model_config(config))
     key = jax.random.key(config.seed)
     init_key, step_key = jax.random.split(key)
+    memory_size, memory_start = memory_options(config)
     state = create_train_state(model, make_optimizer(config.optim, schedule), init_key,
-                               ds.image_shape)
+                               ds.image_shape, memory_size=memory_size)
     manager = checkpoint.open_manager(workdir, max_to_keep=config.train.get("keep", 3))
     if manager.latest_step() is None:  # fresh run: start from pretrained weights if asked
         state = load_pretrained(state, config)
@@ -356,7 +413,8 @@ def train_and_evaluate(config, workdir: str, *, progress: bool | None = None) ->
         with open(os.path.join(workdir, "config.json"), "w") as f:
             f.write(config.to_json(indent=2))
 
-    p_train = make_train_step(build_objective(config), devices)
+    p_train = make_train_step(build_objective(config), devices,
+                              memory_start_step=memory_start)
     p_embed = make_embed_step(devices)
     p_diag = jax.jit(functools.partial(analysis.collapse_diagnostics,
                                        margin=float(config.train.get("diag_margin", 0.2))))
@@ -439,7 +497,8 @@ def evaluate_checkpoint(config, workdir: str, *, progress: bool | None = None) -
                     process_index=jax.process_index(), process_count=jax.process_count())
     model = models.create(model_config(config))
     tx = make_optimizer(config.optim, make_schedule(config.optim, 1))
-    state = create_train_state(model, tx, jax.random.key(config.seed), ds.image_shape)
+    state = create_train_state(model, tx, jax.random.key(config.seed), ds.image_shape,
+                               memory_size=memory_options(config)[0])
     manager = checkpoint.open_manager(workdir)
     if manager.latest_step() is None:
         raise ValueError(f"no complete checkpoint in {workdir}/{checkpoint.CHECKPOINT_SUBDIR}.")
