@@ -73,8 +73,8 @@ def run_cell(config, workdir: str) -> dict:
 
 
 def phase_title(objective: str) -> str:
-    return (f"{objective} on glyphs: test R@1 per cell (hatched: collapsed, "
-            "mean distance < 0.1)")
+    return (f"{objective} on glyphs: test R@1 per cell\n"
+            "(hatched: collapsed, mean pairwise distance < 0.1)")
 
 
 def markdown_table(rows: list[dict], keys: list[str]) -> str:
