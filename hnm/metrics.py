@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Sequence
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -194,7 +194,7 @@ def _query_block_metrics(query, query_labels, num_relevant, gallery, gallery_lab
 
 
 def _search(query, query_labels, gallery, gallery_labels, ks, *, similarity, block_size,
-            query_mask, gallery_mask, with_r):
+            query_mask, gallery_mask, with_r, devices=None):
     """Checks arguments, runs the blocked search; per-query hits, R, r_precision, AP@R."""
     ks = _check_ks(ks)
     if similarity not in RETRIEVAL_SIMILARITIES:
@@ -271,8 +271,15 @@ def _search(query, query_labels, gallery, gallery_labels, ks, *, similarity, blo
         _query_block_metrics, query_block=bq, gallery_block=bg,
         num_gallery_blocks=num_g_blocks, k=k, ks=ks, kind=similarity,
         exclude_self=leave_one_out)
-    outs = [block_fn(q_emb, dev["query_labels"], dev["num_relevant"], g_emb,
-                     dev["gallery_labels"], dev["gallery_valid"], jnp.int32(i * bq))
+    # Query blocks are dealt round-robin to the devices: each device holds one copy of the
+    # (padded) embeddings and labels, and JAX's asynchronous dispatch runs the blocks of
+    # different devices concurrently. One device (or none given and one present) is the
+    # plain sequential loop.
+    args = (q_emb, dev["query_labels"], dev["num_relevant"], g_emb, dev["gallery_labels"],
+            dev["gallery_valid"])
+    devices = list(devices) if devices is not None else [None]
+    placed = [args if d is None else jax.device_put(args, d) for d in devices]
+    outs = [block_fn(*placed[i % len(devices)], jnp.int32(i * bq))
             for i in range(num_q_blocks)]
     hits, r_precision, average_precision = (
         np.concatenate([np.asarray(o[j]) for o in outs])[:nq] for j in range(3))
@@ -296,7 +303,8 @@ def retrieval_metrics(query: ArrayLike, query_labels: ArrayLike,
                       block_size: int | tuple[int, int] | None = None,
                       query_mask: ArrayLike | None = None,
                       gallery_mask: ArrayLike | None = None,
-                      count_lone_queries: bool = False) -> dict[str, float]:
+                      count_lone_queries: bool = False,
+                      devices: Sequence[Any] | None = None) -> dict[str, float]:
     r"""Recall@K, MAP@R and R-precision of a retrieval, exact and blocked.
 
     For a query q let :math:`\mathrm{rel}(i) \in \{0, 1\}` say whether its i-th nearest
@@ -340,6 +348,9 @@ def retrieval_metrics(query: ArrayLike, query_labels: ArrayLike,
         query nor a candidate.
       gallery_mask: [Ng] bool, False for padded gallery rows (query vs gallery only).
       count_lone_queries: count queries with R = 0 as Recall@K misses (see above).
+      devices: shard the query blocks round-robin over these devices (e.g.
+        ``jax.local_devices()``); each holds one copy of the embeddings. Default: the
+        default device only. Results do not depend on it.
 
     Returns:
       ``{"recall@K": float for each K, "map@r": float, "r_precision": float}``.
@@ -362,7 +373,8 @@ def retrieval_metrics(query: ArrayLike, query_labels: ArrayLike,
     """
     ks, q_valid, num_relevant, hits, r_prec, ap = _search(
         query, query_labels, gallery, gallery_labels, ks, similarity=similarity,
-        block_size=block_size, query_mask=query_mask, gallery_mask=gallery_mask, with_r=True)
+        block_size=block_size, query_mask=query_mask, gallery_mask=gallery_mask, with_r=True,
+        devices=devices)
     out = _recalls(ks, q_valid, num_relevant, hits, count_lone_queries)
     counted = q_valid & (num_relevant > 0)
     n = counted.sum()

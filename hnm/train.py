@@ -250,12 +250,14 @@ def evaluate(state: TrainState, eval_sets: Mapping[str, Any], eval_cfg: Mapping[
     ks = tuple(eval_cfg.get("recall_ks", (1, 2, 4, 8)))
     emb = {name: embed_dataset(state, s, bs, embed_fn, num_devices, progress)
            for name, s in eval_sets.items()}
+    # The blocked search deals its query blocks over the devices that embedded them.
+    devices = jax.local_devices()[:num_devices]
     if "query" in emb:
         (q, ql), (g, gl) = emb["query"], emb["gallery"]
-        out = metrics.retrieval_metrics(q, ql, g, gl, ks=ks)
+        out = metrics.retrieval_metrics(q, ql, g, gl, ks=ks, devices=devices)
     else:
         q, ql = emb["test"]
-        out = metrics.retrieval_metrics(q, ql, ks=ks)
+        out = metrics.retrieval_metrics(q, ql, ks=ks, devices=devices)
     if eval_cfg.get("nmi", True):
         out["nmi"] = float(metrics.nmi(q, ql, jax.random.key(0)))
     diag = analysis.collapse_diagnostics(jnp.asarray(q), jnp.asarray(ql))

@@ -326,5 +326,26 @@ class DocTest(absltest.TestCase):
         self.assertEqual(result.failed, 0)
 
 
+
+
+class ShardedQueriesTest(absltest.TestCase):
+    """Query blocks dealt over several devices give exactly the single-device metrics."""
+
+    def test_devices_do_not_change_results(self):
+        rng = np.random.default_rng(7)
+        x = rng.normal(size=(203, 6)).astype(np.float32)
+        y = rng.integers(0, 9, size=203)
+        one = metrics.retrieval_metrics(x, y, block_size=(16, 64))
+        many = metrics.retrieval_metrics(x, y, block_size=(16, 64),
+                                             devices=jax.devices()[:4])
+        self.assertEqual(one, many)
+        g = rng.normal(size=(57, 6)).astype(np.float32)
+        gl = rng.integers(0, 9, size=57)
+        self.assertEqual(
+            metrics.retrieval_metrics(x, y, g, gl, block_size=16),
+            metrics.retrieval_metrics(x, y, g, gl, block_size=16,
+                                          devices=jax.devices()[:3]))
+
+
 if __name__ == "__main__":
     absltest.main()
