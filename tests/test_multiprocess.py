@@ -5,6 +5,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 
 import jax
 import numpy as np
@@ -107,6 +108,51 @@ class MultiProcessTest(absltest.TestCase):
         out, _ = proc.communicate(timeout=240)
         self.assertNotEqual(proc.returncode, 0)
         self.assertRegex(out.lower(), "deadline|timed out|timeout|unavailable|barrier")
+
+    def test_peer_dying_mid_run_stops_the_job_and_a_rerun_resumes(self):
+        tmp = self.create_tempdir().full_path
+        npz = os.path.join(tmp, "data.npz")
+        _write_npz(npz)
+        wd = os.path.join(tmp, "wd")
+        long_run = ["--config.train.num_epochs=100000", "--config.train.ckpt_every=10",
+                    "--config.train.log_every=10", "--distributed_timeout=10"]
+
+        def job(port, extra):
+            return [_launch(_flags(npz, wd) + extra, devices=2,
+                            extra=(f"--coordinator_address=127.0.0.1:{port}",
+                                   "--num_processes=2", f"--process_id={i}"))
+                    for i in range(2)]
+
+        procs = job(_free_port(), long_run)
+        ckpt = os.path.join(wd, checkpoint.CHECKPOINT_SUBDIR)
+        deadline = time.time() + 180
+        while not (os.path.isdir(ckpt) and any(d.isdigit() for d in os.listdir(ckpt))):
+            self.assertLess(time.time(), deadline, "no checkpoint appeared")
+            time.sleep(0.2)
+        time.sleep(1.0)
+        procs[1].kill()  # SIGKILL one process of the job mid-run
+        t0 = time.time()
+        out, _ = procs[0].communicate(timeout=120)  # the survivor must not hang
+        procs[1].communicate()
+        self.assertNotEqual(procs[0].returncode, 0)
+        self.assertLess(time.time() - t0, 90)
+        self.assertIn("another task died", out)
+
+        mgr = checkpoint.open_manager(wd)
+        last = mgr.latest_step()
+        mgr.close()
+        self.assertIsNotNone(last)
+        # Rerunning the job resumes from the newest complete checkpoint (a few steps more).
+        epochs = (last + 10) // 4 + 1   # 4 steps per epoch on this data (12 classes, P = 8)
+        procs = job(_free_port(), [f"--config.train.num_epochs={epochs}",
+                                   "--config.train.ckpt_every=10"])
+        for p in procs:
+            out, _ = p.communicate(timeout=300)
+            self.assertEqual(p.returncode, 0, out[-3000:])
+        steps = [s for s, _ in _losses(wd)]
+        self.assertIn(last + 1, steps)                  # continued right after the checkpoint
+        self.assertNotIn(1, steps)  # did not start over (the first run logged every 10th)
+        self.assertGreater(int(_params(wd).step), last)
 
 
 if __name__ == "__main__":
