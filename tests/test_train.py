@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl.testing import absltest
 
-from hnm import checkpoint, models, objectives, train
+from hnm import checkpoint, metrics, models, objectives, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "experiments"))
@@ -61,6 +61,41 @@ class PmapStepTest(absltest.TestCase):
         for d in range(8):  # each device holds 2 whole classes (a positive for every anchor)
             _, counts = np.unique(batch["labels"][d], return_counts=True)
             np.testing.assert_array_equal(counts, [2, 2])
+
+
+class _ArraySet:
+    """An eval set of feature vectors standing in for images (padded batches + mask)."""
+
+    def __init__(self, x, y):
+        self.x, self.y, self.num_examples = x, y, len(y)
+
+    def batches(self, batch_size):
+        for i in range(0, len(self.y), batch_size):
+            x, y = self.x[i:i + batch_size], self.y[i:i + batch_size]
+            pad = batch_size - len(y)
+            yield {"images": np.pad(x, ((0, pad), (0, 0))), "labels": np.pad(y, (0, pad)),
+                   "mask": np.arange(batch_size) < len(y)}
+
+
+class EvaluateTest(absltest.TestCase):
+
+    def test_query_gallery_and_leave_one_out_with_padding(self):
+        rng = np.random.default_rng(0)
+        q, g = rng.normal(size=(37, 5)).astype(np.float32), rng.normal(size=(50, 5))
+        ql, gl = rng.integers(0, 6, 37), rng.integers(0, 6, 50)
+        embed = jax.pmap(lambda state, x: x, in_axes=(None, 0), devices=jax.devices()[:2])
+        cfg = dict(batch_size=16, recall_ks=(1, 4), nmi=False)
+        out = train.evaluate(None, {"query": _ArraySet(q, ql),
+                                    "gallery": _ArraySet(g.astype(np.float32), gl)},
+                             cfg, embed, 2)
+        ref = metrics.retrieval_metrics(q, ql, g.astype(np.float32), gl, ks=(1, 4))
+        for k, v in ref.items():
+            self.assertAlmostEqual(out[k], v, places=6)
+        out = train.evaluate(None, {"test": _ArraySet(q, ql)}, cfg, embed, 2)
+        ref = metrics.retrieval_metrics(q, ql, ks=(1, 4))
+        for k, v in ref.items():
+            self.assertAlmostEqual(out[k], v, places=6)
+        self.assertIn("diag/effective_rank", out)
 
 
 def _smoke_config(**train_overrides):
