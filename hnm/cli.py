@@ -4,8 +4,9 @@
   hnm train --config=experiments/cub_sct.py:smoke --workdir=/tmp/smoke --config.seed=1
   hnm eval --workdir=/tmp/digits
 
-Only parses flags, hides GPUs from TensorFlow (it is used for input pipelines alone), logs the
-devices and calls :func:`hnm.train.train_and_evaluate`. ``hnm eval`` re-reads the run's saved
+Only parses flags, joins a multi-process job when asked, logs the devices and calls
+:func:`hnm.train.train_and_evaluate` (TensorFlow, used for input pipelines alone, is kept off
+the GPUs by :mod:`hnm.data`). ``hnm eval`` re-reads the run's saved
 ``config.json`` and evaluates its newest checkpoint.
 """
 from __future__ import annotations
@@ -37,10 +38,9 @@ _TIMEOUT = flags.DEFINE_integer(
 USAGE = "usage: hnm {train,eval} --workdir=DIR [--config=experiments/NAME.py[:variant]]"
 
 
-def _hide_gpus_from_tensorflow() -> None:
-    # TensorFlow must not grab accelerator memory that JAX needs; import only if present.
-    if "tensorflow" in sys.modules:
-        sys.modules["tensorflow"].config.set_visible_devices([], "GPU")
+def _quiet_tensorflow() -> None:
+    # TensorFlow is imported later, lazily, by the tfds pipelines (which also hide GPUs from
+    # it, see hnm.data); keep its C++ start-up chatter off the terminal.
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
@@ -91,7 +91,7 @@ def _main(argv) -> None:
         raise app.UsageError(USAGE)
     if not _WORKDIR.value:
         raise app.UsageError("--workdir is required. " + USAGE)
-    _hide_gpus_from_tensorflow()
+    _quiet_tensorflow()
     # Orbax and absl log every checkpoint step at INFO; keep the terminal for the progress
     # bar and the result table unless the user asks for more with --verbosity.
     if not flags.FLAGS["verbosity"].present:

@@ -697,16 +697,31 @@ def _load_inshop(cfg) -> _Loaded:
     return _Loaded(train_images, train_labels, out, ch, None)
 
 
+def _import_tfds():
+    """tensorflow_datasets, imported lazily (importing TensorFlow costs seconds).
+
+    TensorFlow only reads files here; hiding accelerators from it on first import keeps it
+    from reserving GPU memory that JAX needs.
+    """
+    import tensorflow as tf
+    import tensorflow_datasets as tfds
+    try:
+        tf.config.set_visible_devices([], "GPU")
+    except RuntimeError:  # TensorFlow already initialised its devices; nothing to change
+        pass
+    return tfds
+
+
 def tfds_decoders(label_key: str):
     """Reads only the image (still encoded) and the label: boxes and masks are never parsed."""
-    import tensorflow_datasets as tfds
+    tfds = _import_tfds()
     return tfds.decode.PartialDecoding({"image": True, label_key: True},
                                        decoders={"image": tfds.decode.SkipDecoding()})
 
 
 def _tfds_split(name: str, split: str, cfg, label_key: str) -> tuple[EncodedImages, np.ndarray]:
     """One tfds split as (encoded image store, labels) by data source or in-memory cache."""
-    import tensorflow_datasets as tfds  # lazy: importing TensorFlow costs seconds
+    tfds = _import_tfds()
     access, ch = cfg["tfds_access"], cfg["channels"]
     kw = dict(split=split, data_dir=cfg.get("data_dir"), download=cfg["download"],
               decoders=tfds_decoders(label_key))

@@ -35,6 +35,7 @@ from hnm import analysis, checkpoint, metrics, models, objectives
 from hnm import memory as memory_lib
 
 AXIS = "batch"
+DIAG_BLOCK = 1024  # anchors per block of the evaluation set's collapse diagnostics
 # Keys of config.objective read by the trainer, never passed to objectives.get.
 MEMORY_KEYS = ("memory_size", "memory_start_step")
 # Panels of workdir/training_curves.png: the loss, the official code's hn_ratio, the collapse
@@ -260,7 +261,9 @@ def evaluate(state: TrainState, eval_sets: Mapping[str, Any], eval_cfg: Mapping[
         out = metrics.retrieval_metrics(q, ql, ks=ks, devices=devices)
     if eval_cfg.get("nmi", True):
         out["nmi"] = float(metrics.nmi(q, ql, jax.random.key(0)))
-    diag = analysis.collapse_diagnostics(jnp.asarray(q), jnp.asarray(ql))
+    # Blocked anchors: O(DIAG_BLOCK N) memory, not an N x N matrix (SOP's test set is 60k).
+    diag = analysis.collapse_diagnostics(jnp.asarray(q), jnp.asarray(ql),
+                                         block_size=DIAG_BLOCK)
     out.update({f"diag/{k}": float(v) for k, v in diag.items()})
     return out
 
@@ -310,6 +313,19 @@ def _model_signature(config) -> dict:
     """What a checkpoint must agree with: the model config (embedding dim, backbone, ...)."""
     return json.loads(json.dumps(config.model.to_dict() if hasattr(config.model, "to_dict")
                                  else dict(config.model)))
+
+
+def _check_checkpoint_model(meta: Mapping[str, Any] | None, config, workdir: str) -> None:
+    """One clear line when the checkpoint was written for another model (e.g. another dim)."""
+    if meta is not None and meta.get("model") != _model_signature(config):
+        raise ValueError(f"the model config {_model_signature(config)} does not match the "
+                         f"checkpoint in {workdir} ({meta.get('model')}); use a new --workdir.")
+
+
+def _write_eval_json(workdir: str, results: Mapping[str, Any]) -> None:
+    if jax.process_index() == 0:  # one writer in a multi-process job
+        with open(os.path.join(workdir, "eval.json"), "w") as f:
+            json.dump(results, f, indent=2)
 
 
 def model_config(config) -> dict:
@@ -402,10 +418,7 @@ def train_and_evaluate(config, workdir: str, *, progress: bool | None = None) ->
     manager = checkpoint.open_manager(workdir, max_to_keep=config.train.get("keep", 3))
     if manager.latest_step() is None:  # fresh run: start from pretrained weights if asked
         state = load_pretrained(state, config)
-    meta = checkpoint.restore_meta(manager)
-    if meta is not None and meta.get("model") != _model_signature(config):
-        raise ValueError(f"the model config {_model_signature(config)} does not match the "
-                         f"checkpoint in {workdir} ({meta.get('model')}); use a new --workdir.")
+    _check_checkpoint_model(checkpoint.restore_meta(manager), config, workdir)
     state, meta = checkpoint.restore_or_init(manager, state)
     state = place_state(state, devices)
     sampler = ds.init_sampler_state() if meta is None else type(ds.init_sampler_state())(
@@ -438,7 +451,7 @@ def train_and_evaluate(config, workdir: str, *, progress: bool | None = None) ->
         checkpoint.save(manager, step, state, {"sampler": [int(x) for x in sampler],
                                                "model": _model_signature(config)}, force=force)
 
-    last_eval, last_good, t0, t_steps = {}, step, time.perf_counter(), step
+    last_good, t0, t_steps = step, time.perf_counter(), step
     bar = _progress(range(step, total_steps), total_steps - step, "train") if progress else None
     with _Preemption() as preempt:
         while step < total_steps:
@@ -453,6 +466,8 @@ def train_and_evaluate(config, workdir: str, *, progress: bool | None = None) ->
                 check_finite(m, step)
                 last_good = step
                 dt = time.perf_counter() - t0
+                # Diagnostics on this batch in inference mode: one extra forward pass per
+                # log step, kept out of the jitted train step (its hot path).
                 emb = p_embed(state, batch["images"])
                 diag = p_diag(emb.reshape(-1, emb.shape[-1]), batch["labels"].reshape(-1))
                 m.update({f"diag/{k}": float(v) for k, v in diag.items()})
@@ -470,9 +485,9 @@ def train_and_evaluate(config, workdir: str, *, progress: bool | None = None) ->
                 manager.wait_until_finished()
                 return {"preempted_at_step": step}
             if step % eval_every == 0 and step < total_steps:
-                last_eval = evaluate(state, ds.eval_sets(), config.eval, p_embed, n_dev)
+                periodic = evaluate(state, ds.eval_sets(), config.eval, p_embed, n_dev)
                 _append_jsonl(metrics_path, {"step": step, **{f"eval/{k}": v
-                                                              for k, v in last_eval.items()}})
+                                                              for k, v in periodic.items()}})
     if bar is not None:
         bar.close()
     if manager.latest_step() != step:
@@ -481,9 +496,8 @@ def train_and_evaluate(config, workdir: str, *, progress: bool | None = None) ->
     final = evaluate(state, ds.eval_sets(), config.eval, p_embed, n_dev, progress)
     final["step"] = step
     _append_jsonl(metrics_path, {"step": step, **{f"eval/{k}": v for k, v in final.items()}})
+    _write_eval_json(workdir, final)
     if is_main:
-        with open(os.path.join(workdir, "eval.json"), "w") as f:
-            json.dump(final, f, indent=2)
         write_plots(workdir)
     manager.close()
     return final
@@ -504,17 +518,12 @@ def evaluate_checkpoint(config, workdir: str, *, progress: bool | None = None) -
     manager = checkpoint.open_manager(workdir)
     if manager.latest_step() is None:
         raise ValueError(f"no complete checkpoint in {workdir}/{checkpoint.CHECKPOINT_SUBDIR}.")
-    meta = checkpoint.restore_meta(manager)
-    if meta.get("model") != _model_signature(config):
-        raise ValueError(f"the model config {_model_signature(config)} does not match the "
-                         f"checkpoint in {workdir} ({meta.get('model')}).")
+    _check_checkpoint_model(checkpoint.restore_meta(manager), config, workdir)
     state, _ = checkpoint.restore_or_init(manager, state)
     results = evaluate(state, ds.eval_sets(), config.eval, make_embed_step(devices), n_dev,
                        progress)
     results["step"] = int(state.step)
-    if jax.process_index() == 0:
-        with open(os.path.join(workdir, "eval.json"), "w") as f:
-            json.dump(results, f, indent=2)
+    _write_eval_json(workdir, results)
     manager.close()
     return results
 

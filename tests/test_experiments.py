@@ -5,6 +5,7 @@ import json
 import os
 import sys
 
+import numpy as np
 from absl.testing import absltest, parameterized
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -66,7 +67,14 @@ class OfficialSmokeOnMockTfdsTest(absltest.TestCase):
         with tfds.testing.mock_data(num_examples=64):
             out = train.train_and_evaluate(cfg, wd, progress=False)
         self.assertBetween(out["recall@1"], 0.0, 1.0)
-        self.assertTrue(os.path.exists(os.path.join(wd, "eval.json")))
+        with open(os.path.join(wd, "metrics.jsonl")) as f:
+            rows = [r for r in map(json.loads, f) if "loss" in r]
+        self.assertNotEmpty(rows)
+        self.assertEqual(rows[-1]["step"], out["step"])
+        for row in rows:  # real P x K batches: 8 classes x 2, every anchor has a positive
+            self.assertTrue(np.isfinite(row["loss"]))
+            self.assertGreater(row["num_valid"], 0)
+            self.assertLessEqual(row["num_valid"], 16)
 
 
 class SweepTest(absltest.TestCase):
