@@ -69,7 +69,7 @@ class SplitTest(parameterized.TestCase):
         b = data.EncodedImages(lambda i: b"b%d" % i, 3)
         merged, labels = data.merge_stores([a, b], [np.array([1, 4, 2, 3]), np.array([4, 1, 2])])
         np.testing.assert_array_equal(labels, [1, 4, 2, 3, 4, 1, 2])
-        self.assertEqual([merged._read(i) for i in range(7)],
+        self.assertEqual([merged.read(i) for i in range(7)],
                          [b"a0", b"a1", b"a2", b"a3", b"b0", b"b1", b"b2"])
         train_idx, test_idx = data.split_classes(labels, 0.5)
         np.testing.assert_array_equal(train_idx, [0, 2, 5, 6])   # classes 1 and 2
@@ -251,7 +251,7 @@ class BuildTest(parameterized.TestCase):
     @parameterized.named_parameters(
         ("unknown_source", {"source": "mnist"}, 1, "source"),
         ("unknown_key", {"source": "digits", "clases_per_batch": 4}, 1, "clases_per_batch"),
-        ("p_not_divisible", {"source": "digits", "classes_per_batch": 3}, 2, "divisible"),
+        ("p_not_divisible", {"source": "digits", "classes_per_batch": 3}, 2, "multiple"),
         ("k_is_one", {"source": "digits", "samples_per_class": 1}, 1, "samples_per_class"),
         ("k_too_large", {"source": "digits", "samples_per_class": 500}, 1, "samples_per_class"),
         ("too_few_classes", {"source": "digits", "classes_per_batch": 6}, 1, "classes_per_batch"),
@@ -431,10 +431,10 @@ class BuildTest(parameterized.TestCase):
             images = np.broadcast_to(labels[:, None, None, None], (12, 32, 32, 1))
             return images.astype(np.uint8), labels.astype(np.int32)
 
-        fake = types.ModuleType("hnm.glyphs")
+        fake = types.ModuleType("hnm.data.glyphs")
         fake.load_glyphs = load_glyphs
-        with mock.patch.dict(sys.modules, {"hnm.glyphs": fake}), \
-                mock.patch.object(hnm, "glyphs", fake, create=True):
+        with mock.patch.dict(sys.modules, {"hnm.data.glyphs": fake}), \
+                mock.patch.object(data, "glyphs", fake, create=True):
             ds = data.build({"source": "glyphs", "cache_dir": "/c", "classes_per_batch": 2,
                              "samples_per_class": 3}, seed=0, num_devices=2)
         self.assertEqual(sorted(calls), [("test", "/c"), ("train", "/c")])

@@ -1,4 +1,4 @@
-"""Tests of hnm.glyphs: the font-rendered many-class set (class list, split, cache, images).
+"""Tests of hnm.data.glyphs: the font-rendered many-class set (class list, split, cache, images).
 
 One small generation (instances_per_font=1, about 2.7k images) is made per test class into a
 temporary directory and shared; a second one into another directory checks determinism.
@@ -11,7 +11,7 @@ from unittest import mock
 import numpy as np
 from absl.testing import absltest, parameterized
 
-from hnm import glyphs
+from hnm.data import glyphs
 
 IPF = 1  # instances per font in the test generation: small and fast
 
