@@ -26,6 +26,8 @@ at start-up to learn the labels (the labels are stored inside the records).
 """
 from __future__ import annotations
 
+import contextlib
+import logging
 import threading
 
 import numpy as np
@@ -73,6 +75,19 @@ def not_prepared_message(name: str, root: str, looked_in: str) -> str:
             "--config.data.data_dir=DIR where it is prepared.")
 
 
+@contextlib.contextmanager
+def _quiet_absl():
+    # tfds logs "Variant folder ... has no dataset_info.json" (absl, WARNING) while it looks;
+    # the error below says it in one line, so the look itself stays silent.
+    logger = logging.getLogger("absl")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
 def check_prepared(name: str, data_dir: str | None) -> None:
     """Raises :class:`DataNotFoundError` in well under a second if ``name`` is not prepared.
 
@@ -82,18 +97,22 @@ def check_prepared(name: str, data_dir: str | None) -> None:
     otherwise fails at once, before reading anything).
     """
     tfds = import_tfds(tensorflow=False)
-    try:
-        builder = tfds.builder(name, data_dir=data_dir)
-    except Exception as e:  # tfds' own DatasetNotFoundError: not a builder name at all
-        raise ValueError(f"data.name={name!r}: {str(e).splitlines()[0]}") from e
-    if builder.is_prepared():
-        return
-    try:
-        tfds.load(name, split="train", data_dir=data_dir, download=False)
-    except Exception as e:  # noqa: BLE001 - any failure here means "not available offline"
+    with _quiet_absl():
+        try:
+            builder = tfds.builder(name, data_dir=data_dir)
+        except Exception as e:  # tfds' own DatasetNotFoundError: not a builder name at all
+            raise ValueError(f"data.name={name!r}: {str(e).splitlines()[0]}") from e
+        if builder.is_prepared():
+            return
+        try:
+            tfds.load(name, split="train", data_dir=data_dir, download=False)
+            failure = None
+        except Exception as e:  # noqa: BLE001 - any failure here means "not available offline"
+            failure = e
+    if failure is not None:
         from tensorflow_datasets.core import constants
         root = data_dir or constants.DATA_DIR  # tfds' default ($TFDS_DATA_DIR or ~/...)
-        raise DataNotFoundError(not_prepared_message(name, root, builder.data_dir)) from e
+        raise DataNotFoundError(not_prepared_message(name, root, builder.data_dir)) from failure
 
 
 def tfds_split(name: str, split: str, cfg, label_key: str) -> tuple[EncodedImages, np.ndarray]:
