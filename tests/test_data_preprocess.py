@@ -46,7 +46,5 @@ class PreprocessTest(parameterized.TestCase):
         np.testing.assert_array_equal(plain.train(self.image, np.array([0.3, 0.7, 0.1])), ev1)
 
 
-
-
 if __name__ == "__main__":
     absltest.main()

@@ -141,8 +141,6 @@ class SamplerTest(parameterized.TestCase):
         np.testing.assert_array_equal(got, full.batch_indices(state)[0])
 
 
-
-
 class CheckSamplerTest(parameterized.TestCase):
     """Labels that cannot fill a P x K batch: one line with the flag and its largest valid
     value, and that value really is valid and the largest."""

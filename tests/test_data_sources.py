@@ -49,8 +49,6 @@ class SplitTest(parameterized.TestCase):
         np.testing.assert_array_equal(test_idx, [1, 3, 4])       # classes 3 and 4
 
 
-
-
 class SourcesTest(parameterized.TestCase):
     """Each source through ``data.build``: the right rows, labels, shapes and splits."""
 

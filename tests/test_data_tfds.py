@@ -56,7 +56,6 @@ class TfdsTest(parameterized.TestCase):
         self.assertTrue(set(batch["labels"].tolist()) <= train_classes)
 
 
-
     def test_download_only_when_asked(self):
         import tensorflow_datasets as tfds
 
@@ -80,7 +79,7 @@ class OfflineTest(absltest.TestCase):
     """A tfds set that is not prepared: one line naming it, where tfds looked and how to
     prepare it, within seconds, without the network (and without importing TensorFlow)."""
 
-    def test_not_prepared_fails_fast_in_one_line(self):
+    def test_not_prepared_fails_fast_in_one_line_without_tensorflow(self):
         with tempfile.TemporaryDirectory() as empty:
             code = textwrap.dedent(f"""
                 import socket, sys, time
@@ -89,6 +88,10 @@ class OfflineTest(absltest.TestCase):
                 socket.socket.connect = socket.create_connection = no_network
                 socket.getaddrinfo = no_network
                 from hnm import data
+                # The local sources never import TensorFlow either (one process for both).
+                ds = data.build({{"source": "digits", "classes_per_batch": 4}}, seed=0,
+                                num_devices=1)
+                ds.train_batch(ds.init_sampler_state())
                 start = time.perf_counter()
                 try:
                     data.build({{"source": "tfds", "name": "caltech_birds2011",
