@@ -138,6 +138,22 @@ class OfflineTest(absltest.TestCase):
         self.assertIn("data.name='no_such_set_xyz'", str(cm.exception))
         self.assertNotIn("\n", str(cm.exception))
 
+    def test_failed_download_is_one_line(self):
+        import tensorflow_datasets as tfds
+        failure = ConnectionError("Failed to connect to storage.googleapis.com\nretry 1 of 10")
+        with tempfile.TemporaryDirectory() as empty, mock.patch.object(
+                tfds.core.DatasetBuilder, "download_and_prepare", side_effect=failure) as dl:
+            with self.assertRaises(data.DataNotFoundError) as cm:
+                data.build({"source": "tfds", "name": "cars196", "download": True,
+                            "data_dir": empty}, seed=0, num_devices=1)
+        dl.assert_called_once_with()  # TFRecord files unless random access is asked for
+        msg = str(cm.exception)
+        self.assertNotIn("\n", msg)
+        for part in ("downloading tfds data set 'cars196'", empty,
+                     "ConnectionError: Failed to connect to storage.googleapis.com",
+                     "`tfds build cars196"):
+            self.assertIn(part, msg)
+
     @pytest.mark.slow  # a CLI subprocess: imports JAX and the trainer (about 10 s)
     def test_cli_prints_one_error_line(self):
         with tempfile.TemporaryDirectory() as tmp:

@@ -11,7 +11,8 @@ tfds' own, ``~/tensorflow_datasets`` or ``$TFDS_DATA_DIR``). When it is not, and
 once with one line naming the data set, where it looked and how to prepare it (``tfds build
 NAME --data_dir=DIR``, ``--config.data.download=True`` or ``--config.data.data_dir=DIR``):
 no network is touched and TensorFlow is not even imported. Downloads happen only with
-``download=True``. Under ``tfds.testing.mock_data`` the mocked reads are used.
+``download=True``, before anything is read; a failed download is one line too. Under
+``tfds.testing.mock_data`` the mocked reads are used.
 
 **Reading.** Images are read *encoded* (``tfds.decode.SkipDecoding`` on the image feature and
 ``PartialDecoding`` so segmentation masks and boxes are never read) and decoded with PIL only
@@ -115,6 +116,33 @@ def check_prepared(name: str, data_dir: str | None) -> None:
         raise DataNotFoundError(not_prepared_message(name, root, builder.data_dir)) from failure
 
 
+def download_and_prepare(name: str, data_dir: str | None, *, random_access: bool) -> None:
+    """Downloads and prepares ``name`` unless it is prepared (only with ``download=True``).
+
+    Raises:
+      DataNotFoundError: one line naming the data set and the first line of the failure
+        (offline, a dead URL, a manual download the builder needs, ...).
+    """
+    tfds = import_tfds()  # preparing runs TensorFlow: hide the GPUs from it first
+    builder = tfds.builder(name, data_dir=data_dir)
+    if builder.is_prepared():
+        return
+    # array_record files allow random access (tfds_access="data_source"); the default
+    # (TFRecord) is read by one sequential pass into the in-memory cache.
+    kwargs = {"file_format": "array_record"} if random_access else {}
+    try:
+        builder.download_and_prepare(**kwargs)
+    except Exception as e:  # noqa: BLE001 - one line for the user; the cause stays chained
+        from tensorflow_datasets.core import constants
+        root = data_dir or constants.DATA_DIR
+        first = (str(e).strip().splitlines() or [""])[0]
+        raise DataNotFoundError(
+            f"downloading tfds data set {name!r} into {root} failed ({type(e).__name__}: "
+            f"{first}); prepare it where the network is reachable with `tfds build {name} "
+            f"--data_dir={root}`, or set --config.data.data_dir=DIR where it is prepared."
+        ) from e
+
+
 def tfds_split(name: str, split: str, cfg, label_key: str) -> tuple[EncodedImages, np.ndarray]:
     """One tfds split as (encoded image store, labels) by data source or in-memory cache."""
     tfds = import_tfds()
@@ -164,7 +192,10 @@ def load_tfds(cfg) -> Loaded:
     if label_key is None:
         raise ValueError(f"tfds data.name={name!r} is not one of {sorted(TFDS_LABEL_KEYS)}; "
                          "give data.label_key (and data.resplit) for another builder.")
-    if not cfg["download"]:
+    if cfg["download"]:
+        download_and_prepare(name, cfg.get("data_dir"),
+                             random_access=cfg["tfds_access"] == "data_source")
+    else:
         check_prepared(name, cfg.get("data_dir"))
     resplit = cfg.get("resplit")
     resplit = TFDS_RESPLIT.get(name, False) if resplit is None else bool(resplit)
