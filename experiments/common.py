@@ -41,7 +41,8 @@ def base_config():
     c.seed = 0
     c.data = ml_collections.ConfigDict(dict(
         source="digits", name="", path="", classes_per_batch=5, samples_per_class=16,
-        image_size=0, train_resize=0, augment=False, pad_classes=True, data_dir=""))
+        image_size=0, train_resize=0, augment=False, pad_classes=True, train_classes=0.5,
+        data_dir="", download=False))
     c.model = ml_collections.ConfigDict(dict(
         backbone="mlp", embedding_dim=64, normalize=False, dtype="float32"))
     # memory_size / memory_start_step: cross-batch memory (hnm.memory; 0 = off), read by the

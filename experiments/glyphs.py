@@ -1,10 +1,10 @@
 """SCT on the embedded many-class glyph set (synthetic: characters rendered from matplotlib's
-bundled fonts, class-disjoint split; see hnm/glyphs.py).
+bundled fonts, class-disjoint split; see hnm/data/glyphs.py).
 
   hnm train --config=experiments/glyphs.py --workdir=/tmp/hnm_glyphs
   hnm train --config=experiments/glyphs.py --workdir=/tmp/g --config.objective.name=ephn
 
-No download. The raw-pixel R@1 of the test split (hnm.glyphs docstring) is the floor any trained
+No download. The raw-pixel R@1 of the test split (hnm.data.glyphs docstring) is the floor any trained
 model must beat.
 """
 import os

@@ -1,4 +1,4 @@
-"""Tests of hnm.glyphs: the font-rendered many-class set (class list, split, cache, images).
+"""Tests of hnm.data.glyphs: the font-rendered many-class set (class list, split, cache, images).
 
 One small generation (instances_per_font=1, about 2.7k images) is made per test class into a
 temporary directory and shared; a second one into another directory checks determinism.
@@ -9,9 +9,10 @@ import tempfile
 from unittest import mock
 
 import numpy as np
+import pytest
 from absl.testing import absltest, parameterized
 
-from hnm import glyphs
+from hnm.data import glyphs
 
 IPF = 1  # instances per font in the test generation: small and fast
 
@@ -224,6 +225,7 @@ class GlyphDataTest(parameterized.TestCase):
         unique = {im.tobytes() for im in self.images}
         self.assertLen(unique, len(self.images))
 
+    @pytest.mark.slow  # a second full generation: about 6 s
     def test_second_generation_is_byte_identical(self):
         other = os.path.join(self._tmp.name, "b")
         images, labels = glyphs.load_glyphs("all", other, instances_per_font=IPF)
@@ -273,13 +275,25 @@ class GlyphDataTest(parameterized.TestCase):
         # The point of the set: raw pixels must not solve it, yet it is far above chance.
         self.assertBetween(r1, 0.3, 0.9)
 
-    def test_plot_samples_writes_png(self):
+    def test_plot_samples_shows_a_class_by_font_grid(self):
+        from PIL import Image
         path = os.path.join(self._tmp.name, "sheet.png")
         out = glyphs.plot_samples(path, self.cache_dir, classes=(0, 70, 142), max_fonts=4,
                                   instances_per_font=IPF)
         self.assertEqual(out, path)
-        with open(path, "rb") as f:
-            self.assertEqual(f.read(8), b"\x89PNG\r\n\x1a\n")
+        pixels = np.asarray(Image.open(path).convert("L")).astype(int)
+        # Every cell is a glyph image: a black square (white ink on black) on the white page.
+        # Rows and columns of the page that are mostly black come in 3 runs (the classes)
+        # and 4 runs (the fonts).
+        dark = pixels < 30
+
+        def runs(mask):
+            return int(np.sum(np.diff(np.r_[0, mask.astype(int)]) == 1))
+        self.assertEqual(runs(dark.mean(axis=1) > 0.3), 3)
+        self.assertEqual(runs(dark.mean(axis=0) > 0.3), 4)
+        # The cells hold ink, not only background.
+        cells = pixels[dark.mean(axis=1) > 0.3][:, dark.mean(axis=0) > 0.3]
+        self.assertGreater((cells > 128).mean(), 0.05)
 
 
 class RecallAndArgsTest(parameterized.TestCase):
