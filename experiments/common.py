@@ -45,17 +45,17 @@ def base_config():
         data_dir="", download=False))
     c.model = ml_collections.ConfigDict(dict(
         backbone="mlp", embedding_dim=64, normalize=False, dtype="float32"))
-    # memory_size / memory_start_step: cross-batch memory (hnm.memory; 0 = off), read by the
-    # trainer and never passed to objectives.get. Here so `--config.objective.memory_size=N`
-    # works on the command line.
-    c.objective = ml_collections.ConfigDict(dict(METHODS["sct"], memory_size=0,
-                                                 memory_start_step=0))
+    # param_lr_mult: learning-rate multiplier of an objective's own parameters (proxies),
+    # read by the trainer and never passed to objectives.get.
+    c.objective = ml_collections.ConfigDict(dict(METHODS["sct"], param_lr_mult=1.0))
+    # The cross-batch memory (hnm.memory): size 0 = off; mined from step start_step on.
+    c.memory = ml_collections.ConfigDict(dict(size=0, start_step=0))
     c.optim = ml_collections.ConfigDict(dict(
         name="adam", learning_rate=1e-3, momentum=0.0, weight_decay=0.0, schedule="step",
         decay_at=(), decay_factor=0.1, warmup_steps=0))
     c.train = ml_collections.ConfigDict(dict(
         num_epochs=30, log_every=10, eval_every_epochs=10, ckpt_every=100, keep=3,
-        num_devices=0, diag_margin=0.2))
+        num_devices=0, diag_margin=0.2, backend="pmap"))
     c.eval = ml_collections.ConfigDict(dict(recall_ks=(1, 2, 4, 8), batch_size=256, nmi=True))
     return c
 

@@ -1,20 +1,22 @@
-"""Training and evaluation: a Flax ``TrainState`` stepped with ``jax.pmap`` across devices.
+"""Training: a Flax ``TrainState`` stepped across devices, then evaluated.
 
-The step (:func:`train_step`) is a pure function that knows only an axis name: anchors are the
-device's local rows, the objective mines over the ``all_gather`` of every device's embeddings
-and normalises over the global batch, and the gradients are ``psum``-ed. Wrapped as
-``pmap(..., in_axes=(None, 0, None), out_axes=(None, None))`` the state stays one host copy
-(flax's imagenet example without replicate/unreplicate), so porting to ``jax.shard_map`` is a
-change to :func:`make_train_step` alone.
+The step (:func:`hnm.parallel.train_step`) is a pure function that knows only an axis name;
+:mod:`hnm.parallel` wraps it for the ``config.train.backend`` (``"pmap"``, the default, or
+``"mesh"``: ``jax.jit`` + ``jax.shard_map``) and owns the device layout (state placement,
+batch sharding, keys). Evaluation is :mod:`hnm.evaluate`.
 
 :func:`train_and_evaluate` reads top to bottom: validate the config, build data, model,
 optimiser and objective, restore the newest checkpoint, loop (log, checkpoint, evaluate),
 write ``metrics.jsonl``, ``eval.json`` and PNG curves into the work directory.
 
-Cross-batch memory (XBM): ``config.objective.memory_size > 0`` keeps a ring buffer of the
-last ``memory_size`` (global-batch) embeddings in ``TrainState.memory`` (checkpointed with the
-rest of the state); from step ``config.objective.memory_start_step`` on, the objective mines
-against it too (:mod:`hnm.memory`).
+Cross-batch memory (XBM): ``config.memory.size > 0`` keeps a ring buffer of the last
+``size`` (global-batch) embeddings in ``TrainState.memory`` (checkpointed with the rest of the
+state); from step ``config.memory.start_step`` on, the objective mines against it too
+(:mod:`hnm.memory`).
+
+Objectives with parameters (``obj.init`` / ``obj.apply``): their parameters live in
+``TrainState.objective_params`` (checkpointed), trained by the same optimiser with the
+learning rate times ``config.objective.param_lr_mult`` (``optax.multi_transform``).
 """
 from __future__ import annotations
 
@@ -31,13 +33,17 @@ import numpy as np
 import optax
 from flax.training import train_state
 
-from hnm import analysis, checkpoint, metrics, models, objectives
+from hnm import analysis, checkpoint, models, objectives, parallel
 from hnm import memory as memory_lib
+from hnm.evaluate import embed_dataset, evaluate  # noqa: F401  (moved; re-exported)
+from hnm.parallel import AXIS, shard, train_step  # noqa: F401  (moved; re-exported)
 
-AXIS = "batch"
-DIAG_BLOCK = 1024  # anchors per block of the evaluation set's collapse diagnostics
+# Keys of config.memory (the cross-batch memory), read by the trainer.
+MEMORY_KEYS = ("size", "start_step")
+# Former keys of config.objective, now one-line errors naming the new ones.
+MOVED_OBJECTIVE_KEYS = {"memory_size": "memory.size", "memory_start_step": "memory.start_step"}
 # Keys of config.objective read by the trainer, never passed to objectives.get.
-MEMORY_KEYS = ("memory_size", "memory_start_step")
+TRAINER_OBJECTIVE_KEYS = ("param_lr_mult",)
 # Panels of workdir/training_curves.png: the loss, the official code's hn_ratio, the collapse
 # diagnostics of the logged batch, and test R@1 at each evaluation.
 CURVE_KEYS = ("loss", "frac_hard", "diag/mean_distance", "diag/separation_violation_max",
@@ -45,10 +51,14 @@ CURVE_KEYS = ("loss", "frac_hard", "diag/mean_distance", "diag/separation_violat
 
 
 class TrainState(train_state.TrainState):
-    """``flax.training.train_state.TrainState`` plus BatchNorm statistics (may be empty) and
-    the cross-batch memory (a :class:`hnm.memory.Memory`, or None when off)."""
+    """``flax.training.train_state.TrainState`` plus BatchNorm statistics (may be empty), the
+    cross-batch memory (a :class:`hnm.memory.Memory`, or None when off) and the objective's
+    parameters (a pytree, or None for a parameter-free objective). With objective parameters
+    ``opt_state`` is the optimiser state of ``{"model": params, "objective":
+    objective_params}`` (:func:`hnm.parallel.trainable`)."""
     batch_stats: Any = None
     memory: Any = None
+    objective_params: Any = None
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -78,8 +88,20 @@ def make_schedule(optim: Mapping[str, Any], total_steps: int) -> optax.Schedule:
     return main
 
 
-def make_optimizer(optim: Mapping[str, Any], schedule: optax.Schedule) -> optax.GradientTransformation:
-    """SGD (with or without momentum), Adam or AdamW on ``schedule``."""
+def make_optimizer(optim: Mapping[str, Any], schedule: optax.Schedule, *,
+                   param_lr_mult: float | None = None) -> optax.GradientTransformation:
+    """SGD (with or without momentum), Adam or AdamW on ``schedule``.
+
+    With ``param_lr_mult`` (an objective with parameters): ``optax.multi_transform`` over
+    ``{"model": ..., "objective": ...}``, the objective's parameters on ``param_lr_mult`` times
+    the schedule (Proxy-Anchor's recipe uses 100), each part with its own optimiser state.
+    """
+    if param_lr_mult is not None:
+        mult = float(param_lr_mult)
+        parts = {"model": make_optimizer(optim, schedule),
+                 "objective": make_optimizer(optim, lambda count: mult * schedule(count))}
+        return optax.multi_transform(parts, lambda tree: {
+            part: jax.tree.map(lambda _, p=part: p, sub) for part, sub in tree.items()})
     name = optim.get("name", "sgd")
     wd = float(optim.get("weight_decay", 0.0))
     if name == "sgd":
@@ -94,178 +116,32 @@ def make_optimizer(optim: Mapping[str, Any], schedule: optax.Schedule) -> optax.
 
 
 def create_train_state(model, tx: optax.GradientTransformation, key: jax.Array,
-                       image_shape: tuple[int, ...], *, memory_size: int = 0) -> TrainState:
+                       image_shape: tuple[int, ...], *, memory_size: int = 0,
+                       objective: Any = None, num_classes: int = 0) -> TrainState:
     """Initialises parameters (and BatchNorm statistics) on a dummy batch of ``image_shape``,
-    and an empty cross-batch memory of ``memory_size`` rows when ``memory_size > 0``."""
+    an empty cross-batch memory of ``memory_size`` rows when ``memory_size > 0``, and, for an
+    objective with parameters, ``objective.init(fold_in(key, 1), num_classes, dim)`` (``tx``
+    then from ``make_optimizer(..., param_lr_mult=...)``)."""
     dummy = jnp.zeros((2, *image_shape), jnp.uint8)
     variables = jax.jit(functools.partial(model.init, train=False))({"params": key}, dummy)
-    memory = None
-    if memory_size:
-        emb = jax.eval_shape(functools.partial(model.apply, train=False), variables, dummy)
-        memory = memory_lib.init(int(memory_size), int(emb.shape[-1]))
-    state = TrainState.create(apply_fn=model.apply, params=variables["params"], tx=tx,
-                              batch_stats=variables.get("batch_stats", {}), memory=memory)
+    dim = int(jax.eval_shape(functools.partial(model.apply, train=False), variables,
+                             dummy).shape[-1])
+    memory = memory_lib.init(int(memory_size), dim) if memory_size else None
+    objective_params = None
+    if parallel.is_parametric(objective):
+        if int(num_classes) < 1:
+            raise ValueError(f"`num_classes`={num_classes}: an objective with parameters "
+                             "needs the number of training classes.")
+        objective_params = objective.init(jax.random.fold_in(key, 1), int(num_classes), dim)
+    params = variables["params"]
+    state = TrainState(step=0, apply_fn=model.apply, params=params, tx=tx,
+                       opt_state=tx.init(params if objective_params is None else
+                                         {"model": params, "objective": objective_params}),
+                       batch_stats=variables.get("batch_stats", {}), memory=memory,
+                       objective_params=objective_params)
     # An int32 array step, not Python's weakly typed 0: the step's second call must hit the
     # first call's compilation (one compile per run).
     return state.replace(step=jnp.zeros((), jnp.int32))
-
-
-def _variables(state: TrainState, params=None) -> dict:
-    params = state.params if params is None else params
-    return {"params": params, "batch_stats": state.batch_stats} if state.batch_stats else {
-        "params": params}
-
-
-# ----------------------------------------------------------------------------- the pure step
-
-
-def train_step(state: TrainState, batch: Mapping[str, jax.Array], key: jax.Array, *,
-               objective_fn: Callable, axis_name: str = AXIS,
-               memory_start_step: int = 0) -> tuple[TrainState, dict]:
-    """One optimisation step on this device's slice of the global batch.
-
-    ``objective_fn`` was built with ``objectives.get(name, axis_name=axis_name, ...)``: it
-    returns this device's share of the global loss (local sum / global count), so the
-    ``psum`` of the gradients is exactly the gradient of one device seeing the whole batch.
-    BatchNorm statistics are averaged across devices so the state stays identical everywhere.
-
-    With a cross-batch memory in the state, the objective also mines against it (masked empty
-    before ``memory_start_step``, a traced test: one compilation for both phases), and the
-    global batch's stopped embeddings are then enqueued, identically on every device.
-
-    Returns the new state and a dict of scalar metrics, identical on every device
-    (``memory_fill``: the fraction of memory slots the objective used, when on).
-    """
-    key = jax.random.fold_in(key, jax.lax.axis_index(axis_name))
-    use_memory = state.memory is not None  # static: the state's structure
-    if use_memory:
-        memory = memory_lib.masked(state.memory, state.step >= memory_start_step)
-        objective_fn = functools.partial(objective_fn, memory=memory)
-
-    def loss_fn(params):
-        emb, updates = state.apply_fn(_variables(state, params), batch["images"], train=True,
-                                      mutable=["batch_stats"])
-        emb = emb.astype(jnp.float32)
-        loss, aux = objective_fn(emb, batch["labels"], key)
-        return loss, (aux, updates, emb)
-
-    (_, (aux, updates, emb)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-    grads = jax.lax.psum(grads, axis_name)
-    batch_stats = updates.get("batch_stats", state.batch_stats)
-    if batch_stats:
-        batch_stats = jax.lax.pmean(batch_stats, axis_name)
-    new_state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
-    step_metrics = {k: jnp.asarray(v, jnp.float32) for k, v in aux.items()}
-    if use_memory:
-        new_state = new_state.replace(memory=memory_lib.enqueue(
-            state.memory, jax.lax.stop_gradient(emb), batch["labels"], axis_name=axis_name))
-        step_metrics["memory_fill"] = memory_lib.fill_fraction(memory)
-    step_metrics["l2_grads"] = optax.global_norm(grads)
-    step_metrics["l2_params"] = optax.global_norm(new_state.params)
-    return new_state, step_metrics
-
-
-def make_train_step(objective_fn: Callable, devices=None, *,
-                    memory_start_step: int = 0) -> Callable:
-    """The pmapped step: state and key replicated as one host copy, batch split on axis 0."""
-    return jax.pmap(functools.partial(train_step, objective_fn=objective_fn, axis_name=AXIS,
-                                      memory_start_step=memory_start_step),
-                    axis_name=AXIS, in_axes=(None, 0, None), out_axes=(None, None),
-                    devices=devices)
-
-
-def embed_step(state: TrainState, images: jax.Array) -> jax.Array:
-    """Embeddings of a batch in inference mode (running BatchNorm statistics), float32."""
-    return state.apply_fn(_variables(state), images, train=False).astype(jnp.float32)
-
-
-def place_state(state: TrainState, devices=None) -> TrainState:
-    """Puts a host or freshly initialised state where the pmapped step leaves its output.
-
-    The step returns the state with the sharding of its ``out_axes=None`` outputs; feeding it
-    the initial state in that same form means the second step reuses the first step's
-    compilation (one compile per run, a test checks it).
-    """
-    n_local = jax.local_device_count() if devices is None else len(devices)
-    return jax.pmap(lambda s, _: s, axis_name=AXIS, in_axes=(None, 0), out_axes=None,
-                    devices=devices)(state, np.zeros(n_local))  # pmap needs a mapped arg
-
-
-def make_embed_step(devices=None) -> Callable:
-    return jax.pmap(embed_step, axis_name=AXIS, in_axes=(None, 0), devices=devices)
-
-
-def select_devices(config) -> tuple[list | None, int]:
-    """``(devices for pmap, local device count)`` for ``train.num_devices`` (0: all).
-
-    ``None`` means "every device of the job": in a multi-process job pmap's collectives must
-    span all processes' devices, and naming local devices would silently keep them local.
-    """
-    local = jax.local_devices()
-    n = int(config.train.get("num_devices", 0) or len(local))
-    if not 1 <= n <= len(local):
-        raise ValueError(f"`train.num_devices`={n} but this host has {len(local)} devices.")
-    if n == len(local):
-        return None, n
-    if jax.process_count() > 1:
-        raise ValueError("`train.num_devices` must be 0 (all) in a multi-process job; got "
-                         f"{n} of {len(local)} local devices.")
-    return local[:n], n
-
-
-def shard(batch: Mapping[str, np.ndarray], num_devices: int) -> dict:
-    """Reshapes host arrays [B, ...] to [devices, B / devices, ...] (whole classes per slice)."""
-    return {k: np.asarray(v).reshape(num_devices, -1, *np.shape(v)[1:])
-            for k, v in batch.items()}
-
-
-# ----------------------------------------------------------------------------- evaluation
-
-
-def embed_dataset(state: TrainState, eval_set, batch_size: int, embed_fn: Callable,
-                  num_devices: int, progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """Embeds every example of ``eval_set``; padded rows (``mask`` False) are dropped."""
-    embs, labels = [], []
-    batches = eval_set.batches(batch_size)
-    if progress:
-        batches = _progress(batches, total=-(-eval_set.num_examples // batch_size),
-                            desc="embed")
-    for batch in batches:
-        emb = embed_fn(state, shard({"images": batch["images"]}, num_devices)["images"])
-        emb = np.asarray(emb).reshape(-1, emb.shape[-1])
-        mask = np.asarray(batch["mask"], bool)
-        embs.append(emb[mask])
-        labels.append(np.asarray(batch["labels"])[mask])
-    return np.concatenate(embs), np.concatenate(labels)
-
-
-def evaluate(state: TrainState, eval_sets: Mapping[str, Any], eval_cfg: Mapping[str, Any],
-             embed_fn: Callable, num_devices: int, progress: bool = False) -> dict:
-    """Recall@K, MAP@R, R-precision (and NMI) of the evaluation sets.
-
-    One set named ``test``: leave-one-out retrieval over it (CUB, Cars, SOP). Sets ``query``
-    and ``gallery``: query against gallery (In-Shop).
-    """
-    bs = int(eval_cfg.get("batch_size", 256))
-    bs = -(-bs // num_devices) * num_devices
-    ks = tuple(eval_cfg.get("recall_ks", (1, 2, 4, 8)))
-    emb = {name: embed_dataset(state, s, bs, embed_fn, num_devices, progress)
-           for name, s in eval_sets.items()}
-    # The blocked search deals its query blocks over the devices that embedded them.
-    devices = jax.local_devices()[:num_devices]
-    if "query" in emb:
-        (q, ql), (g, gl) = emb["query"], emb["gallery"]
-        out = metrics.retrieval_metrics(q, ql, g, gl, ks=ks, devices=devices)
-    else:
-        q, ql = emb["test"]
-        out = metrics.retrieval_metrics(q, ql, ks=ks, devices=devices)
-    if eval_cfg.get("nmi", True):
-        out["nmi"] = float(metrics.nmi(q, ql, jax.random.key(0)))
-    # Blocked anchors: O(DIAG_BLOCK N) memory, not an N x N matrix (SOP's test set is 60k).
-    diag = analysis.collapse_diagnostics(jnp.asarray(q), jnp.asarray(ql),
-                                         block_size=DIAG_BLOCK)
-    out.update({f"diag/{k}": float(v) for k, v in diag.items()})
-    return out
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -349,45 +225,102 @@ def load_pretrained(state: TrainState, config) -> TrainState:
                          "'keras_imagenet'.")
     variables = models.load_keras_resnet50(
         {"params": state.params, "batch_stats": state.batch_stats})
-    return state.replace(params=variables["params"], batch_stats=variables["batch_stats"],
-                         opt_state=state.tx.init(variables["params"]))
+    state = state.replace(params=variables["params"], batch_stats=variables["batch_stats"])
+    return state.replace(opt_state=state.tx.init(parallel.trainable(state)))
 
 
 def memory_options(config) -> tuple[int, int]:
-    """``(memory_size, memory_start_step)`` of ``config.objective`` (0, 0 when absent).
+    """``(config.memory.size, config.memory.start_step)`` (0, 0 when the group is absent).
 
     Raises:
-      ValueError: either is negative or not an integer.
+      ValueError: either is negative or not an integer, or the config still uses the former
+        keys ``objective.memory_size`` / ``objective.memory_start_step``.
     """
-    opts = dict(config.objective)
+    for old, new in MOVED_OBJECTIVE_KEYS.items():
+        if old in config.objective:
+            raise ValueError(f"`objective.{old}` moved to `{new}`; set --config.{new} instead.")
+    opts = dict(config.get("memory", None) or {})
+    unknown = sorted(set(opts) - set(MEMORY_KEYS))
+    if unknown:
+        raise ValueError(f"unknown key(s) {unknown} in `memory`; valid keys: "
+                         f"{list(MEMORY_KEYS)}.")
     out = []
     for name in MEMORY_KEYS:
         value = opts.get(name, 0) or 0
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
-            raise ValueError(f"`objective.{name}` must be an integer >= 0; got {value!r}.")
+            raise ValueError(f"`memory.{name}` must be an integer >= 0; got {value!r}.")
         out.append(int(value))
     return out[0], out[1]
 
 
 def _objective_options(config) -> tuple[str, dict]:
-    """``(name, options)`` for ``objectives.get``: the trainer's memory keys removed."""
+    """``(name, options)`` for ``objectives.get``: the trainer's own keys removed."""
     opts = dict(config.objective)
-    for k in MEMORY_KEYS:
+    for k in (*TRAINER_OBJECTIVE_KEYS, *MOVED_OBJECTIVE_KEYS):
         opts.pop(k, None)
     return opts.pop("name"), opts
+
+
+def param_lr_mult(config) -> float:
+    """``config.objective.param_lr_mult`` (default 1.0): the objective parameters' learning
+    rate as a multiple of the model's.
+
+    Raises:
+      ValueError: not a number > 0.
+    """
+    value = config.objective.get("param_lr_mult", 1.0)
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.number)) or not (
+            np.isfinite(value) and value > 0):
+        raise ValueError(f"`objective.param_lr_mult` must be a number > 0; got {value!r}.")
+    return float(value)
+
+
+def make_train_step(objective_fn: Callable, devices=None, *,
+                    memory_start_step: int = 0) -> Callable:
+    """The pmap step on the first ``len(devices)`` local devices (all when None); the former
+    API, kept for its callers: new code uses :meth:`hnm.parallel.Layout.make_train_step`."""
+    layout = parallel.make_layout("pmap", len(devices) if devices else 0)
+    return layout.make_train_step(objective_fn, memory_start_step=memory_start_step)
 
 
 def check_config(config) -> None:
     """Fails in one line, before anything compiles, on an unknown objective or option."""
     memory_options(config)
+    param_lr_mult(config)
+    parallel.layout_from_config(config)
     name, opts = _objective_options(config)
     objectives.get(name, **opts)
     models.create(model_config(config))
 
 
 def build_objective(config, axis_name: str | None = AXIS) -> Callable:
+    """The configured objective: a plain function, or an object with ``init``/``apply``
+    (:func:`hnm.parallel.is_parametric`; its ``apply`` then gets ``axis_name`` per call)."""
     name, opts = _objective_options(config)
     return objectives.get(name, axis_name=axis_name, **opts)
+
+
+def build_state(config, model, schedule: optax.Schedule, key: jax.Array, ds,
+                objective: Any = None) -> TrainState:
+    """The fresh train state of ``config``: the model, the optimiser on ``schedule`` (with
+    the objective parameters' multiplier when ``objective`` has parameters), the memory.
+    ``ds.num_train_classes`` sizes the objective's parameters."""
+    parametric = parallel.is_parametric(objective)
+    tx = make_optimizer(config.optim, schedule,
+                        param_lr_mult=param_lr_mult(config) if parametric else None)
+    return create_train_state(model, tx, key, ds.image_shape,
+                              memory_size=memory_options(config)[0], objective=objective,
+                              num_classes=ds.num_train_classes if parametric else 0)
+
+
+def class_indexer(ds) -> Callable[[Mapping[str, np.ndarray]], dict]:
+    """``batch -> batch`` with labels replaced by their index among the training classes
+    (``[0, num_classes)``: the rows of an objective's class parameters)."""
+    classes = np.asarray(ds.sampler.classes)
+
+    def index(batch):
+        return dict(batch, labels=np.searchsorted(classes, batch["labels"]).astype(np.int32))
+    return index
 
 
 # ----------------------------------------------------------------------------- the run
@@ -403,7 +336,8 @@ def train_and_evaluate(config, workdir: str, *, progress: bool | None = None) ->
     os.makedirs(workdir, exist_ok=True)
     progress = _isatty() if progress is None else progress
     check_config(config)
-    devices, n_dev = select_devices(config)
+    layout = parallel.layout_from_config(config)
+    n_dev = layout.num_local_devices
     is_main = jax.process_index() == 0  # writes metrics, eval.json and plots
     ds = data.build(config.data, seed=config.seed, num_devices=n_dev,
                     process_index=jax.process_index(), process_count=jax.process_count())
@@ -412,15 +346,17 @@ def train_and_evaluate(config, workdir: str, *, progress: bool | None = None) ->
     model = models.create(model_config(config))
     key = jax.random.key(config.seed)
     init_key, step_key = jax.random.split(key)
-    memory_size, memory_start = memory_options(config)
-    state = create_train_state(model, make_optimizer(config.optim, schedule), init_key,
-                               ds.image_shape, memory_size=memory_size)
+    memory_start = memory_options(config)[1]
+    objective = build_objective(config)
+    state = build_state(config, model, schedule, init_key, ds, objective)
+    # Class parameters are indexed by class: labels become [0, num_classes).
+    labels_of = class_indexer(ds) if parallel.is_parametric(objective) else dict
     manager = checkpoint.open_manager(workdir, max_to_keep=config.train.get("keep", 3))
     if manager.latest_step() is None:  # fresh run: start from pretrained weights if asked
         state = load_pretrained(state, config)
     _check_checkpoint_model(checkpoint.restore_meta(manager), config, workdir)
     state, meta = checkpoint.restore_or_init(manager, state)
-    state = place_state(state, devices)
+    state = layout.place_state(state)
     sampler = ds.init_sampler_state() if meta is None else type(ds.init_sampler_state())(
         *meta["sampler"])
     step = int(state.step)
@@ -428,9 +364,8 @@ def train_and_evaluate(config, workdir: str, *, progress: bool | None = None) ->
         with open(os.path.join(workdir, "config.json"), "w") as f:
             f.write(config.to_json(indent=2))
 
-    p_train = make_train_step(build_objective(config), devices,
-                              memory_start_step=memory_start)
-    p_embed = make_embed_step(devices)
+    p_train = layout.make_train_step(objective, memory_start_step=memory_start)
+    p_embed = layout.make_embed_step()
     p_diag = jax.jit(functools.partial(analysis.collapse_diagnostics,
                                        margin=float(config.train.get("diag_margin", 0.2))))
     log_every, ckpt_every = int(config.train.log_every), int(config.train.ckpt_every)
@@ -456,7 +391,7 @@ def train_and_evaluate(config, workdir: str, *, progress: bool | None = None) ->
     with _Preemption() as preempt:
         while step < total_steps:
             batch, sampler = ds.train_batch(sampler)
-            batch = shard(batch, n_dev)
+            batch = layout.shard_batch(labels_of(batch))
             state, m = p_train(state, batch, jax.random.fold_in(step_key, step))
             step += 1
             if bar is not None:
@@ -469,12 +404,12 @@ def train_and_evaluate(config, workdir: str, *, progress: bool | None = None) ->
                 # Diagnostics on this batch in inference mode: one extra forward pass per
                 # log step, kept out of the jitted train step (its hot path).
                 emb = p_embed(state, batch["images"])
-                diag = p_diag(emb.reshape(-1, emb.shape[-1]), batch["labels"].reshape(-1))
+                diag = p_diag(parallel.rows(emb), batch["labels"].reshape(-1))
                 m.update({f"diag/{k}": float(v) for k, v in diag.items()})
                 m.update(step=step, epoch=step / ds.steps_per_epoch,
                          learning_rate=float(schedule(step - 1)),
                          steps_per_s=(step - t_steps) / dt,
-                         images_per_s=(step - t_steps) * batch["labels"].size / dt)
+                         images_per_s=(step - t_steps) * ds.batch_size / dt)
                 _append_jsonl(metrics_path, m)
                 if bar is not None:
                     bar.set_postfix(loss=f"{m['loss']:.4f}", hard=f"{m['frac_hard']:.2f}")
@@ -485,7 +420,7 @@ def train_and_evaluate(config, workdir: str, *, progress: bool | None = None) ->
                 manager.wait_until_finished()
                 return {"preempted_at_step": step}
             if step % eval_every == 0 and step < total_steps:
-                periodic = evaluate(state, ds.eval_sets(), config.eval, p_embed, n_dev)
+                periodic = evaluate(state, ds.eval_sets(), config.eval, p_embed, layout)
                 _append_jsonl(metrics_path, {"step": step, **{f"eval/{k}": v
                                                               for k, v in periodic.items()}})
     if bar is not None:
@@ -493,7 +428,7 @@ def train_and_evaluate(config, workdir: str, *, progress: bool | None = None) ->
     if manager.latest_step() != step:
         save(step, m, force=True)
     manager.wait_until_finished()
-    final = evaluate(state, ds.eval_sets(), config.eval, p_embed, n_dev, progress)
+    final = evaluate(state, ds.eval_sets(), config.eval, p_embed, layout, progress)
     final["step"] = step
     _append_jsonl(metrics_path, {"step": step, **{f"eval/{k}": v for k, v in final.items()}})
     _write_eval_json(workdir, final)
@@ -508,20 +443,19 @@ def evaluate_checkpoint(config, workdir: str, *, progress: bool | None = None) -
     from hnm import data
 
     progress = _isatty() if progress is None else progress
-    devices, n_dev = select_devices(config)
-    ds = data.build(config.data, seed=config.seed, num_devices=n_dev,
+    layout = parallel.layout_from_config(config)
+    ds = data.build(config.data, seed=config.seed, num_devices=layout.num_local_devices,
                     process_index=jax.process_index(), process_count=jax.process_count())
     model = models.create(model_config(config))
-    tx = make_optimizer(config.optim, make_schedule(config.optim, 1))
-    state = create_train_state(model, tx, jax.random.key(config.seed), ds.image_shape,
-                               memory_size=memory_options(config)[0])
+    state = build_state(config, model, make_schedule(config.optim, 1),
+                        jax.random.key(config.seed), ds, build_objective(config))
     manager = checkpoint.open_manager(workdir)
     if manager.latest_step() is None:
         raise ValueError(f"no complete checkpoint in {workdir}/{checkpoint.CHECKPOINT_SUBDIR}.")
     _check_checkpoint_model(checkpoint.restore_meta(manager), config, workdir)
     state, _ = checkpoint.restore_or_init(manager, state)
-    results = evaluate(state, ds.eval_sets(), config.eval, make_embed_step(devices), n_dev,
-                       progress)
+    state = layout.place_state(state)
+    results = evaluate(state, ds.eval_sets(), config.eval, None, layout, progress)
     results["step"] = int(state.step)
     _write_eval_json(workdir, results)
     manager.close()

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl.testing import absltest, parameterized
 
-from hnm import distances, memory, objectives
+from hnm import distances, memory, objectives, parallel
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MASKED = distances.MASKED_LABEL
@@ -279,7 +279,7 @@ def _memory_config(num_epochs, ckpt_every=1000):
     sys.path.insert(0, os.path.join(ROOT, "experiments"))
     import digits  # pylint: disable=import-outside-toplevel
     c = digits.get_config("smoke")
-    c.objective.update(memory_size=160, memory_start_step=2)
+    c.memory.update(size=160, start_step=2)
     c.train.update(num_epochs=num_epochs, log_every=1, ckpt_every=ckpt_every, keep=2,
                    eval_every_epochs=100)
     c.eval.nmi = False
@@ -311,14 +311,16 @@ class TrainerTest(absltest.TestCase):
         model = models.create(dict(backbone="mlp", embedding_dim=8))
         tx = train.make_optimizer(dict(name="sgd", learning_rate=0.1),
                                   train.make_schedule(dict(learning_rate=0.1), 10))
-        fn = objectives.get("batch_hard", axis_name=train.AXIS)
+        fn = objectives.get("batch_hard", axis_name=parallel.AXIS)
         results = {}
         for n_dev in (1, 8):
             state = train.create_train_state(model, tx, jax.random.key(0), (4, 4, 1),
                                              memory_size=48)
-            step = train.make_train_step(fn, jax.devices()[:n_dev])
+            layout = parallel.make_layout("pmap", n_dev)
+            step = layout.make_train_step(fn)
+            state = layout.place_state(state)
             for b in batches:
-                state, m = step(state, train.shard(b, n_dev), jax.random.key(1))
+                state, m = step(state, layout.shard_batch(b), jax.random.key(1))
             results[n_dev] = state, m
         (s1, m1), (s8, m8) = results[1], results[8]
         self.assertAlmostEqual(float(m1["memory_fill"]), 32 / 48, places=6)
@@ -349,7 +351,7 @@ class TrainerTest(absltest.TestCase):
         _, prev, meta = _restore(cfg, wd, steps - 1)
         sampler = type(ds.init_sampler_state())(*meta["sampler"])
         last, _ = ds.train_batch(sampler)
-        emb, _ = prev.apply_fn(train._variables(prev), last["images"], train=True,
+        emb, _ = prev.apply_fn(parallel.model_variables(prev), last["images"], train=True,
                                mutable=["batch_stats"])
         slots = (np.arange(batch) + (steps - 1) * batch) % 160
         self.assertEqual(int(state.memory.ptr), steps * batch % 160)
