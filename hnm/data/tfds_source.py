@@ -93,9 +93,11 @@ def check_prepared(name: str, data_dir: str | None) -> None:
     """Raises :class:`DataNotFoundError` in well under a second if ``name`` is not prepared.
 
     Neither the network nor TensorFlow is touched. ``builder.is_prepared()`` answers from the
-    file system; when it says no, ``tfds.load(download=False)`` is asked as well, because
-    under ``tfds.testing.mock_data`` that succeeds on fake data with nothing on disk (and
-    otherwise fails at once, before reading anything).
+    file system; when it says no, ``tfds.data_source(download=False)`` is asked as well,
+    because under ``tfds.testing.mock_data`` that succeeds on fake data with nothing on disk
+    (and otherwise fails at once, before reading anything). It is the probe rather than
+    ``tfds.load`` because it needs no TensorFlow, which must not start before its GPUs are
+    hidden (:func:`import_tfds`).
     """
     tfds = import_tfds(tensorflow=False)
     with _quiet_absl():
@@ -106,7 +108,7 @@ def check_prepared(name: str, data_dir: str | None) -> None:
         if builder.is_prepared():
             return
         try:
-            tfds.load(name, split="train", data_dir=data_dir, download=False)
+            tfds.data_source(name, split="train", data_dir=data_dir, download=False)
             failure = None
         except Exception as e:  # noqa: BLE001 - any failure here means "not available offline"
             failure = e
