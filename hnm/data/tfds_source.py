@@ -33,6 +33,7 @@ import threading
 
 import numpy as np
 
+from hnm.data.config import check_train_classes_unused
 from hnm.data.sources import DataNotFoundError, Loaded, cap, require, split_classes
 from hnm.data.stores import EncodedImages, SubsetImages, merge_stores
 
@@ -194,13 +195,16 @@ def load_tfds(cfg) -> Loaded:
     if label_key is None:
         raise ValueError(f"tfds data.name={name!r} is not one of {sorted(TFDS_LABEL_KEYS)}; "
                          "give data.label_key (and data.resplit) for another builder.")
+    resplit = cfg.get("resplit")
+    resplit = TFDS_RESPLIT.get(name, False) if resplit is None else bool(resplit)
+    if not resplit:
+        check_train_classes_unused(cfg, f"tfds {name!r} is read with its own class-disjoint "
+                                        "split (data.resplit is off)")
     if cfg["download"]:
         download_and_prepare(name, cfg.get("data_dir"),
                              random_access=cfg["tfds_access"] == "data_source")
     else:
         check_prepared(name, cfg.get("data_dir"))
-    resplit = cfg.get("resplit")
-    resplit = TFDS_RESPLIT.get(name, False) if resplit is None else bool(resplit)
     train_images, train_labels = tfds_split(name, "train", cfg, label_key)
     test_images, test_labels = tfds_split(name, "test", cfg, label_key)
     ch = cfg["channels"]
