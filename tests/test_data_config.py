@@ -48,6 +48,14 @@ class ConfigTest(parameterized.TestCase):
         self.assertNotIn("data.zzz (did you mean", msg)  # nothing close: no guess
         self.assertIn("valid keys: " + ", ".join(sorted(data.KEYS)), msg)
 
+    @parameterized.parameters(
+        {"source": "glyphs"}, {"source": "inshop", "path": "/x"},
+        {"source": "tfds", "name": "stanford_online_products"},
+        {"source": "tfds", "name": "cars196", "resplit": False})
+    def test_train_classes_where_it_would_be_ignored(self, **cfg):
+        with self.assertRaisesRegex(ValueError, r"data.train_classes=0.3 does not apply"):
+            data.build({**cfg, "train_classes": 0.3}, seed=0, num_devices=1)
+
     def test_misspelt_source_suggests(self):
         with self.assertRaisesRegex(ValueError, r"data.source='digit' \(did you mean 'digits'"):
             data.resolve_config({"source": "digit"})

@@ -15,12 +15,12 @@ One module per concern; imports flow one way (each imports only those above it):
 - :mod:`hnm.data.stores`: random access to images by row, in memory or encoded.
 - :mod:`hnm.data.sources`: digits, glyphs, npz, folder, In-Shop, and class splits
   (``train_classes``: a fraction in (0, 1) or a count, also as a whole float like 136.0).
+- :mod:`hnm.data.config`: the ``config.data`` keys (:data:`KEYS`), defaults, checks.
 - :mod:`hnm.data.tfds_source`: CUB, Cars, SOP from tfds; offline unless ``download=True``,
   failing at once with :class:`DataNotFoundError` when a set is not prepared.
-- :mod:`hnm.data.config`: the ``config.data`` keys (:data:`KEYS`), defaults, checks.
 - :mod:`hnm.data.dataset`: :func:`build`, :class:`Dataset`, :class:`EvalSet`.
-- :mod:`hnm.data.glyphs`: the renderer of the embedded 143-class glyph set (used by the
-  ``"glyphs"`` source).
+- :mod:`hnm.data.glyphs`: the renderer of the embedded 143-class glyph set (a leaf, NumPy and
+  matplotlib's fonts; imported by the ``"glyphs"`` source only when it is built).
 
 Nothing here imports TensorFlow or tfds until a tfds source is built; scikit-learn and PIL
 are imported only by the sources that use them.

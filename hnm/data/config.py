@@ -14,6 +14,7 @@ from hnm.data.sources import parse_train_classes
 
 SOURCES = ("digits", "glyphs", "npz", "folder", "tfds", "inshop")
 FILE_SOURCES = ("folder", "tfds", "inshop")  # decoded photos: 256 px, crop + flip, prefetch
+OWN_SPLIT_SOURCES = ("glyphs", "inshop")     # train_classes does not apply (nor to SOP)
 DEFAULT_IMAGE_SIZE = 256             # the official recipe's crop
 TRAIN_RESIZE_FACTOR = 1.1            # official: Resize(int(256 * 1.1)) = 281 before the crop
 DEFAULT_CACHE_MAX_BYTES = 8 * 2**30
@@ -29,7 +30,8 @@ KEYS = {
     "eval_resize": "shorter side before the evaluation centre crop (default image_size)",
     "augment": "random crop + horizontal flip in training (default: on for photos)",
     "pad_classes": "complete classes smaller than K by resampling them",
-    "train_classes": "training classes of a class split: a fraction in (0, 1) or a count",
+    "train_classes": ("training classes of a class split (digits, npz, folder, CUB, Cars): "
+                      "a fraction in (0, 1) or a count (136, also 136.0)"),
     "data_dir": "tfds data directory (default: tfds' own, ~/tensorflow_datasets)",
     "download": "let tfds download and prepare a missing data set (default False)",
     "max_examples": "use at most this many examples per split (smoke tests)",
@@ -56,6 +58,13 @@ def _positive_int(cfg: Mapping[str, Any], key: str, minimum: int = 1) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
         raise ValueError(f"data.{key} must be an integer >= {minimum}; got {value!r}.")
     return int(value)
+
+
+def check_train_classes_unused(cfg: Mapping[str, Any], why: str) -> None:
+    """A ``train_classes`` other than the default where it would be ignored is an error."""
+    if cfg["train_classes"] != DEFAULTS["train_classes"]:
+        raise ValueError(f"data.train_classes={cfg['train_classes']} does not apply: {why} "
+                         "(train_classes splits digits, npz, folder and re-split tfds sets).")
 
 
 def _unknown_keys_message(unknown: list[str]) -> str:
@@ -105,6 +114,8 @@ def resolve_config(data_cfg: Mapping[str, Any]) -> dict[str, Any]:
     # K = 1 gives batches without positives: every triplet would be invalid, the loss 0.
     _positive_int(cfg, "samples_per_class", 2)
     parse_train_classes(cfg["train_classes"], "data.train_classes")
+    if source in OWN_SPLIT_SOURCES:
+        check_train_classes_unused(cfg, f"source {source!r} has its own class-disjoint split")
     if not isinstance(cfg["download"], (bool, np.bool_)):
         raise ValueError(f"data.download must be True or False; got {cfg['download']!r}.")
     if source in FILE_SOURCES and cfg.get("image_size") is None:

@@ -21,7 +21,9 @@ the sorted list of classes, the first ``train_classes`` for training and the res
 ``train_classes`` is a fraction of the classes in (0, 1) (default 0.5, rounded to the nearest
 count) or a count: an int >= 1, or a float that is a whole number > 1 (``136.0``: from the
 command line ``--config.data.train_classes=136`` arrives as a float, because the field's
-default 0.5 is one). ``1.0`` is rejected (as a fraction it leaves no test class).
+default 0.5 is one). ``1.0`` is rejected (as a fraction it leaves no test class). Sources
+with their own class-disjoint split (glyphs, In-Shop, SOP) reject a ``train_classes`` other
+than the default instead of ignoring it.
 """
 from __future__ import annotations
 

@@ -33,6 +33,7 @@ import threading
 
 import numpy as np
 
+from hnm.data.config import check_train_classes_unused
 from hnm.data.sources import DataNotFoundError, Loaded, cap, require, split_classes
 from hnm.data.stores import EncodedImages, SubsetImages, merge_stores
 
@@ -93,9 +94,11 @@ def check_prepared(name: str, data_dir: str | None) -> None:
     """Raises :class:`DataNotFoundError` in well under a second if ``name`` is not prepared.
 
     Neither the network nor TensorFlow is touched. ``builder.is_prepared()`` answers from the
-    file system; when it says no, ``tfds.load(download=False)`` is asked as well, because
-    under ``tfds.testing.mock_data`` that succeeds on fake data with nothing on disk (and
-    otherwise fails at once, before reading anything).
+    file system; when it says no, ``tfds.data_source(download=False)`` is asked as well,
+    because under ``tfds.testing.mock_data`` that succeeds on fake data with nothing on disk
+    (and otherwise fails at once, before reading anything). It is the probe rather than
+    ``tfds.load`` because it needs no TensorFlow, which must not start before its GPUs are
+    hidden (:func:`import_tfds`).
     """
     tfds = import_tfds(tensorflow=False)
     with _quiet_absl():
@@ -106,7 +109,7 @@ def check_prepared(name: str, data_dir: str | None) -> None:
         if builder.is_prepared():
             return
         try:
-            tfds.load(name, split="train", data_dir=data_dir, download=False)
+            tfds.data_source(name, split="train", data_dir=data_dir, download=False)
             failure = None
         except Exception as e:  # noqa: BLE001 - any failure here means "not available offline"
             failure = e
@@ -192,13 +195,16 @@ def load_tfds(cfg) -> Loaded:
     if label_key is None:
         raise ValueError(f"tfds data.name={name!r} is not one of {sorted(TFDS_LABEL_KEYS)}; "
                          "give data.label_key (and data.resplit) for another builder.")
+    resplit = cfg.get("resplit")
+    resplit = TFDS_RESPLIT.get(name, False) if resplit is None else bool(resplit)
+    if not resplit:
+        check_train_classes_unused(cfg, f"tfds {name!r} is read with its own class-disjoint "
+                                        "split (data.resplit is off)")
     if cfg["download"]:
         download_and_prepare(name, cfg.get("data_dir"),
                              random_access=cfg["tfds_access"] == "data_source")
     else:
         check_prepared(name, cfg.get("data_dir"))
-    resplit = cfg.get("resplit")
-    resplit = TFDS_RESPLIT.get(name, False) if resplit is None else bool(resplit)
     train_images, train_labels = tfds_split(name, "train", cfg, label_key)
     test_images, test_labels = tfds_split(name, "test", cfg, label_key)
     ch = cfg["channels"]
