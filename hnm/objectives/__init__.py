@@ -31,13 +31,23 @@ normalised like the batch; the anchors stay the local rows, so the self-pair off
 loss normalisation are unchanged. Empty or warm-up-masked slots carry
 ``distances.MASKED_LABEL`` and count for nothing: an empty memory gives the plain objective.
 
-**aux** (scalars, global over devices, no gradient), the same keys for every objective:
+**aux** (scalars, global over devices, no gradient):
 
 * ``loss``: the global loss (the ``psum`` of the shares).
 * ``num_valid``: how many units entered the loss (triplets, anchor-positive pairs or pairs;
   each objective's docstring says which).
-* ``frac_hard``: the official ``hn_ratio`` — the fraction of the valid anchors (triplets)
-  whose mined negative is more similar than its positive, :math:`S_{an} > S_{ap}`.
+* ``frac_hard`` — one meaning everywhere, the official ``hn_ratio`` of
+  ``littleredxh/HardNegative``: the fraction of the objective's valid triplets (anchor,
+  positive, negative), as it mined, enumerated or sampled them, whose negative is strictly
+  more similar to the anchor than the positive, :math:`S_{an} > S_{ap}`, in the objective's
+  similarity (ties are not hard). Reported by every objective that forms triplets: ``ephn``,
+  ``epshn``, ``sct``, ``batch_hard``, ``semihard`` (per anchor-positive pair), ``batch_all``
+  (every triplet) and ``distance_weighted`` (the sampled triplets).
+* ``frac_hard_ephn`` — the pair objectives ``contrastive``, ``multi_similarity`` and
+  ``supcon`` mine pairs, not triplets, so they report this instead: among anchors with a
+  positive and a negative, the fraction whose easy-positive / hard-negative triplet (most
+  similar positive, most similar negative, by cosine) is hard. It equals ``ephn``'s
+  ``frac_hard`` on the same batch wherever ``ephn`` counts the anchor.
 * ``mean_sim_ap`` / ``mean_sim_an``: mean positive / negative similarity of those units.
 * ``frac_active``: the fraction of the units with a non-zero loss.
 

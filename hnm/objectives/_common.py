@@ -146,7 +146,12 @@ def pair_aux(loss_share: jax.Array, cos: jax.Array, pos_mask: jax.Array, neg_mas
              *, sim_ap_sum: ArrayLike, num_ap: ArrayLike, sim_an_sum: ArrayLike,
              num_an: ArrayLike, num_valid: ArrayLike, num_active: ArrayLike,
              num_units: ArrayLike, axis_name: str | None) -> Aux:
-    """Global aux scalars of a pair objective from local (sum, count) pairs, one ``psum``."""
+    """Global aux scalars of a pair objective from local (sum, count) pairs, one ``psum``.
+
+    A pair objective mines no triplets, so it has no ``frac_hard``; it reports
+    ``frac_hard_ephn`` instead, the fraction of anchors (with a positive and a negative) whose
+    easy-positive / hard-negative triplet (by cosine) is hard.
+    """
     num_hard, num_both = frac_hard_counts(cos, pos_mask, neg_mask)
     s = global_stats(axis_name, loss=loss_share, valid=num_valid, hard=num_hard,
                      both=num_both, ap_sum=sim_ap_sum, n_ap=num_ap, an_sum=sim_an_sum,
@@ -154,7 +159,7 @@ def pair_aux(loss_share: jax.Array, cos: jax.Array, pos_mask: jax.Array, neg_mas
     return {
         "loss": s["loss"],
         "num_valid": s["valid"].astype(jnp.int32),
-        "frac_hard": ratio(s["hard"], s["both"]),
+        "frac_hard_ephn": ratio(s["hard"], s["both"]),
         "mean_sim_ap": ratio(s["ap_sum"], s["n_ap"]),
         "mean_sim_an": ratio(s["an_sum"], s["n_an"]),
         "frac_active": ratio(s["active"], s["units"]),

@@ -36,9 +36,12 @@ counter-based, so the first draws of a longer row are the draws of the shorter o
 * ``frac_active``: the fraction of the candidate units with a non-zero loss: all pairs for
   ``contrastive``; all pairs, of which the mined ones are active, for ``multi_similarity``;
   anchors having a positive for ``supcon``; valid triplets for ``distance_weighted``.
-* ``frac_hard``: among anchors having at least one positive and one negative, the fraction
+* ``frac_hard`` (``distance_weighted`` only, the one objective here with triplets): as
+  everywhere, the fraction of its valid (sampled) triplets with :math:`S_{an} > S_{ap}`.
+* ``frac_hard_ephn`` (``contrastive``, ``multi_similarity``, ``supcon``, which mine pairs,
+  not triplets): among anchors having at least one positive and one negative, the fraction
   whose most similar negative is strictly more similar (cosine) than its most similar
-  positive, i.e. whose easy-positive / hard-negative triplet is hard (``S_an > S_ap``).
+  positive, i.e. whose easy-positive / hard-negative triplet is hard.
 * ``mean_sim_ap`` / ``mean_sim_an``: mean cosine similarity over the positive / negative
   pairs the objective considered (all pairs; the mined pairs for ``multi_similarity``; the
   pairs of the valid triplets for ``distance_weighted``). 0 when there is none.
@@ -359,13 +362,8 @@ def distance_weighted(embeddings: ArrayLike, labels: ArrayLike, key: jax.Array |
 
     cos = jax.lax.stop_gradient(1.0 - 0.5 * dist2)   # unit vectors: d^2 = 2 - 2 cos
     cos_ap, cos_an = miners.gather_sims(cos, t)
-    num_valid = jnp.sum(valid)
-    aux = _common.pair_aux(share, cos, pos_mask, neg_mask,
-                           sim_ap_sum=_common.masked_sum(cos_ap, valid), num_ap=num_valid,
-                           sim_an_sum=_common.masked_sum(cos_an, valid), num_an=num_valid,
-                           num_valid=num_valid, num_active=jnp.sum(valid & (per_triplet > 0)),
-                           num_units=num_valid, axis_name=axis_name)
-    return share, aux
+    # Explicit triplets: the triplet objectives' aux, frac_hard over the sampled triplets.
+    return share, _common.triplet_aux(cos_ap, cos_an, per_triplet, valid, share, axis_name)
 
 
 OBJECTIVES: dict[str, _common.Objective] = {
