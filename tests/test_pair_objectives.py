@@ -170,8 +170,9 @@ def dw_triplets_fn():
     def fn(emb, labels, key, cutoff, nonzero_loss_cutoff):
         x = distances.l2_normalize(emb)
         dist = distances.euclidean_distance(x)
-        return miners.mine_distance_weighted(key, dist, labels, dim=emb.shape[1], cutoff=cutoff,
-                                         nonzero_loss_cutoff=nonzero_loss_cutoff)
+        return miners.mine_distance_weighted(key, dist, labels, dim=emb.shape[1],
+                                             cutoff=cutoff,
+                                             nonzero_loss_cutoff=nonzero_loss_cutoff)
     return jax.jit(fn)
 
 
@@ -261,6 +262,12 @@ class ReferenceTest(parameterized.TestCase):
         triplets = triplet_list(t)
         self.assertNotEmpty(triplets)
         self.assertEqual(int(aux["num_valid"]), len(triplets))
+        # frac_hard: as in every triplet objective, the sampled triplets with d_an < d_ap.
+        x = np_normalize(emb)
+        dist = np.linalg.norm(x[:, None] - x[None], axis=-1)
+        hard = np.mean([dist[a, n] < dist[a, p] for a, p, n in triplets])
+        self.assertAlmostEqual(float(aux["frac_hard"]), hard, places=10)
+        self.assertNotIn("frac_hard_ephn", aux)
         ref = functools.partial(ref_dw_loss, triplets=triplets, loss=loss,
                                 margin=opts["margin"], beta=opts["beta"])
         self.assertGreater(value, 0.0)
@@ -284,7 +291,8 @@ class ReferenceTest(parameterized.TestCase):
         for name in ("contrastive", "supcon"):
             _, aux, _ = run(name, emb, labels)
             with self.subTest(name):
-                self.assertAlmostEqual(float(aux["frac_hard"]), hard / both, places=10)
+                self.assertAlmostEqual(float(aux["frac_hard_ephn"]), hard / both, places=10)
+                self.assertNotIn("frac_hard", aux)  # no triplets: not the triplet statistic
                 self.assertAlmostEqual(float(aux["mean_sim_ap"]), cos[same & off].mean(),
                                        places=10)
                 self.assertAlmostEqual(float(aux["mean_sim_an"]), cos[~same].mean(),
@@ -312,7 +320,7 @@ class ClosedFormTest(parameterized.TestCase):
         self.assertAlmostEqual(loss, math.sqrt(2.0) + 1.0, places=12)
         # Anchor 0: closest negative s02 = 1 > s01 = 0, hard; anchor 1: s12 = s10 = 0, a tie,
         # not hard; anchor 2 has no positive.
-        self.assertEqual(float(aux["frac_hard"]), 0.5)
+        self.assertEqual(float(aux["frac_hard_ephn"]), 0.5)
         self.assertAlmostEqual(float(aux["mean_sim_ap"]), 0.0, places=12)
         self.assertAlmostEqual(float(aux["mean_sim_an"]), 0.5, places=12)
         self.assertEqual(int(aux["num_valid"]), 4)      # 2 positive + 2 coincident negative

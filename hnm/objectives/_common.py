@@ -30,6 +30,8 @@ def prepare(embeddings: ArrayLike, labels: ArrayLike, normalize: bool,
             ) -> tuple[jax.Array, jax.Array, distances.ReferenceSet]:
     """Checks, optionally L2-normalises, and builds the (possibly global) reference set,
     followed by the memory rows (normalised like the batch) when a memory is given."""
+    # Values first, before jnp.asarray can wrap an int64 label into another class.
+    _checks.check_label_values(labels, "labels", reserved=distances.MASKED_LABEL)
     embeddings, labels = jnp.asarray(embeddings), jnp.asarray(labels)
     _checks.check_embeddings_and_labels(embeddings, labels)
     if normalize:
@@ -40,9 +42,8 @@ def prepare(embeddings: ArrayLike, labels: ArrayLike, normalize: bool,
 
 
 def check_positive(value: Any, name: str) -> None:
-    """Checks a Python number at trace time; traced values are the caller's business."""
-    if isinstance(value, (int, float)) and not value > 0:
-        raise ValueError(f"`{name}` must be > 0; got {value!r}.")
+    """Checks a Python number at trace time; arrays (maybe traced) are the caller's business."""
+    _checks.check_positive(value, name)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -146,7 +147,12 @@ def pair_aux(loss_share: jax.Array, cos: jax.Array, pos_mask: jax.Array, neg_mas
              *, sim_ap_sum: ArrayLike, num_ap: ArrayLike, sim_an_sum: ArrayLike,
              num_an: ArrayLike, num_valid: ArrayLike, num_active: ArrayLike,
              num_units: ArrayLike, axis_name: str | None) -> Aux:
-    """Global aux scalars of a pair objective from local (sum, count) pairs, one ``psum``."""
+    """Global aux scalars of a pair objective from local (sum, count) pairs, one ``psum``.
+
+    A pair objective mines no triplets, so it has no ``frac_hard``; it reports
+    ``frac_hard_ephn`` instead, the fraction of anchors (with a positive and a negative) whose
+    easy-positive / hard-negative triplet (by cosine) is hard.
+    """
     num_hard, num_both = frac_hard_counts(cos, pos_mask, neg_mask)
     s = global_stats(axis_name, loss=loss_share, valid=num_valid, hard=num_hard,
                      both=num_both, ap_sum=sim_ap_sum, n_ap=num_ap, an_sum=sim_an_sum,
@@ -154,11 +160,27 @@ def pair_aux(loss_share: jax.Array, cos: jax.Array, pos_mask: jax.Array, neg_mas
     return {
         "loss": s["loss"],
         "num_valid": s["valid"].astype(jnp.int32),
-        "frac_hard": ratio(s["hard"], s["both"]),
+        "frac_hard_ephn": ratio(s["hard"], s["both"]),
         "mean_sim_ap": ratio(s["ap_sum"], s["n_ap"]),
         "mean_sim_an": ratio(s["an_sum"], s["n_an"]),
         "frac_active": ratio(s["active"], s["units"]),
     }
+
+
+def finish(loss: jax.Array, aux: Aux, ref: distances.ReferenceSet) -> tuple[jax.Array, Aux]:
+    """``(loss, aux)`` with the loss (and ``aux["loss"]``) NaN when any reference row is
+    non-finite.
+
+    Masks select, so a NaN or inf row would otherwise just drop out (its anchor invalid, its
+    pairs unmined) and leave a finite loss with a NaN gradient: a trainer that watches the
+    loss would apply the update. The reference set holds every device's (normalised) rows
+    and the memory's, so every device's share turns NaN together. The poison is a stopped
+    constant: the gradient is the one computed, never changed.
+    """
+    finite = jnp.all(jnp.isfinite(ref.embeddings))
+    poison = jax.lax.stop_gradient(jnp.where(finite, 0.0, jnp.nan)).astype(loss.dtype)
+    aux = dict(aux, loss=aux["loss"] + poison.astype(aux["loss"].dtype))
+    return loss + poison, aux
 
 
 # ---------------------------------------------------------------------------------------------

@@ -36,9 +36,12 @@ counter-based, so the first draws of a longer row are the draws of the shorter o
 * ``frac_active``: the fraction of the candidate units with a non-zero loss: all pairs for
   ``contrastive``; all pairs, of which the mined ones are active, for ``multi_similarity``;
   anchors having a positive for ``supcon``; valid triplets for ``distance_weighted``.
-* ``frac_hard``: among anchors having at least one positive and one negative, the fraction
+* ``frac_hard`` (``distance_weighted`` only, the one objective here with triplets): as
+  everywhere, the fraction of its valid (sampled) triplets with :math:`S_{an} > S_{ap}`.
+* ``frac_hard_ephn`` (``contrastive``, ``multi_similarity``, ``supcon``, which mine pairs,
+  not triplets): among anchors having at least one positive and one negative, the fraction
   whose most similar negative is strictly more similar (cosine) than its most similar
-  positive, i.e. whose easy-positive / hard-negative triplet is hard (``S_an > S_ap``).
+  positive, i.e. whose easy-positive / hard-negative triplet is hard.
 * ``mean_sim_ap`` / ``mean_sim_an``: mean cosine similarity over the positive / negative
   pairs the objective considered (all pairs; the mined pairs for ``multi_similarity``; the
   pairs of the valid triplets for ``distance_weighted``). 0 when there is none.
@@ -51,6 +54,7 @@ import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
 
+from hnm import _checks
 from hnm import distances
 from hnm import miners
 from hnm.memory import Memory
@@ -133,7 +137,7 @@ def contrastive(embeddings: ArrayLike, labels: ArrayLike, key: jax.Array | None 
                            sim_an_sum=_common.masked_sum(cos, neg_mask), num_an=jnp.sum(neg_mask),
                            num_valid=pos_active + neg_active, num_active=pos_active + neg_active,
                            num_units=jnp.sum(pos_mask) + jnp.sum(neg_mask), axis_name=axis_name)
-    return loss, aux
+    return _common.finish(loss, aux, ref)
 
 
 # -------------------------------------------------------------------- multi-similarity
@@ -204,7 +208,7 @@ def multi_similarity(embeddings: ArrayLike, labels: ArrayLike, key: jax.Array | 
                            sim_an_sum=_common.masked_sum(cos, neg_keep), num_an=num_neg,
                            num_valid=num_mined, num_active=num_mined,
                            num_units=jnp.sum(pos_mask) + jnp.sum(neg_mask), axis_name=axis_name)
-    return loss, aux
+    return _common.finish(loss, aux, ref)
 
 
 # ---------------------------------------------------------------------------- SupCon
@@ -274,7 +278,7 @@ def supcon(embeddings: ArrayLike, labels: ArrayLike, key: jax.Array | None = Non
                            sim_an_sum=_common.masked_sum(cos, neg_mask), num_an=jnp.sum(neg_mask),
                            num_valid=jnp.sum(jnp.where(active, num_pos, 0)), num_active=num_active,
                            num_units=jnp.sum(has_pos), axis_name=axis_name)
-    return loss, aux
+    return _common.finish(loss, aux, ref)
 
 
 # ------------------------------------------------------------ distance-weighted sampling
@@ -359,14 +363,23 @@ def distance_weighted(embeddings: ArrayLike, labels: ArrayLike, key: jax.Array |
 
     cos = jax.lax.stop_gradient(1.0 - 0.5 * dist2)   # unit vectors: d^2 = 2 - 2 cos
     cos_ap, cos_an = miners.gather_sims(cos, t)
-    num_valid = jnp.sum(valid)
-    aux = _common.pair_aux(share, cos, pos_mask, neg_mask,
-                           sim_ap_sum=_common.masked_sum(cos_ap, valid), num_ap=num_valid,
-                           sim_an_sum=_common.masked_sum(cos_an, valid), num_an=num_valid,
-                           num_valid=num_valid, num_active=jnp.sum(valid & (per_triplet > 0)),
-                           num_units=num_valid, axis_name=axis_name)
-    return share, aux
+    # Explicit triplets: the triplet objectives' aux, frac_hard over the sampled triplets.
+    return _common.finish(
+        share, _common.triplet_aux(cos_ap, cos_an, per_triplet, valid, share, axis_name), ref)
 
+
+# What each option accepts (checked by hnm.objectives.get / check_options before compiling).
+OPTION_SPECS: dict[str, dict[str, _checks.OptionSpec]] = {
+    "contrastive": dict(pos_margin=_checks.REAL, neg_margin=_checks.REAL,
+                        distance=_checks.choice(tuple(distances.SIMILARITIES)),
+                        normalize=_checks.BOOL),
+    "multi_similarity": dict(alpha=_checks.POSITIVE, beta=_checks.POSITIVE, base=_checks.REAL,
+                             epsilon=_checks.NON_NEGATIVE),
+    "supcon": dict(temperature=_checks.POSITIVE),
+    "distance_weighted": dict(cutoff=_checks.POSITIVE, nonzero_loss_cutoff=_checks.POSITIVE,
+                              margin=_checks.NON_NEGATIVE, beta=_checks.NON_NEGATIVE,
+                              loss=_checks.choice(DW_LOSSES)),
+}
 
 OBJECTIVES: dict[str, _common.Objective] = {
     "contrastive": contrastive,
