@@ -337,7 +337,7 @@ class EndToEndTest(absltest.TestCase):
         finally:
             train.build_objective = build
         (init, a), (_, b) = states
-        self.assertEqual(a.objective_params["proxies"].shape, (5, 64))
+        self.assertEqual(a.objective_params["proxies"].shape, (5, cfg.model.embedding_dim))
         self.assertGreater(np.abs(a.objective_params["proxies"]
                                   - init.objective_params["proxies"]).max(), 1e-3)
         self.assertEqual(int(a.step), int(b.step))
