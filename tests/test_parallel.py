@@ -180,6 +180,21 @@ class LayoutTest(absltest.TestCase):
                 self.assertLen(traces, 1)
                 self.assertEqual(int(state.step), 3)
 
+    def test_objectives_get_one_key_and_device_key_differs(self):
+        def probe(emb, labels, key=None, **kw):
+            def spread(k):  # max - min over devices of the key's first word
+                x = jax.random.key_data(k)[0].astype(jnp.float32)
+                return jax.lax.pmax(x, parallel.AXIS) - jax.lax.pmin(x, parallel.AXIS)
+            loss = 0.0 * jnp.sum(emb)
+            return loss, {"loss": jax.lax.psum(loss, parallel.AXIS), "key": spread(key),
+                          "device_key": spread(parallel.device_key(key))}
+        for backend, n_dev in BACKENDS:
+            with self.subTest(backend):
+                _, m = _one_step(backend, n_dev, _state(False), _batch(), jax.random.key(5),
+                                 probe)
+                self.assertEqual(float(m["key"]), 0.0)
+                self.assertGreater(float(m["device_key"]), 0.0)
+
     def test_mesh_batch_is_sharded_rows_in_order(self):
         layout = parallel.make_layout("mesh", 8)
         batch = layout.shard_batch(_batch())
@@ -298,14 +313,29 @@ def _smoke(backend, **train_overrides):
 class EndToEndTest(absltest.TestCase):
 
     def test_digits_smoke_gives_the_same_eval_json_on_both_backends(self):
-        results = {}
-        for backend in ("pmap", "mesh"):
-            wd = self.create_tempdir().full_path
-            cfg = _smoke(backend, num_epochs=2, eval_every_epochs=1)
-            cfg.memory.update(size=160, start_step=3)
-            train.train_and_evaluate(cfg, wd, progress=False)
-            with open(os.path.join(wd, "eval.json")) as f:
-                results[backend] = json.load(f)
+        results, traces, build = {}, [], train.build_objective
+
+        def counting_build(config, axis_name=parallel.AXIS):
+            fn = build(config, axis_name)
+
+            def objective(emb, labels, key=None, **kw):
+                traces.append(emb.shape)  # runs at trace time only
+                return fn(emb, labels, key, **kw)
+            return objective
+        train.build_objective = counting_build
+        try:
+            for backend in ("pmap", "mesh"):
+                traces.clear()
+                wd = self.create_tempdir().full_path
+                cfg = _smoke(backend, num_epochs=2, eval_every_epochs=1)
+                cfg.memory.update(size=160, start_step=3)
+                out = train.train_and_evaluate(cfg, wd, progress=False)
+                self.assertGreater(out["step"], 10)
+                self.assertLen(traces, 1, backend)  # one compilation per run
+                with open(os.path.join(wd, "eval.json")) as f:
+                    results[backend] = json.load(f)
+        finally:
+            train.build_objective = build
         pmap, mesh = results["pmap"], results["mesh"]
         self.assertEqual(sorted(pmap), sorted(mesh))
         self.assertGreater(pmap["recall@1"], 0.5)  # it trained (5 classes: chance ~0.2)
