@@ -10,7 +10,7 @@ embeddings (the square root gets a floor, the normaliser divides by ``max(norm, 
 """
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -28,19 +28,36 @@ MASKED_LABEL = int(jnp.iinfo(jnp.int32).min)
 def l2_normalize(x: ArrayLike, axis: int = -1, eps: float = NORM_EPS) -> jax.Array:
     r"""Scales rows to unit L2 norm: :math:`x / \max(\lVert x \rVert, \epsilon)`.
 
-    A zero vector stays zero (and has a finite gradient) instead of becoming NaN.
+    A zero vector stays zero (and has a finite gradient) instead of becoming NaN. The norm is
+    computed as :math:`m \lVert x / m \rVert` with :math:`m = \max_i |x_i|`, so squaring
+    never overflows or underflows: rows of magnitude 1e20 or 1e-20 (float32) get their exact
+    norm (rows whose norm is below ``eps`` are divided by ``eps``, as in the official code),
+    and float16 / bfloat16 rows keep their precision. Non-finite input stays non-finite.
+
+    Args:
+      x: array whose ``axis`` is normalised.
+      axis: the axis to normalise.
+      eps: :math:`\epsilon`, the smallest divisor.
 
     Examples:
-      >>> l2_normalize(jnp.array([[3.0, 4.0], [0.0, 0.0]]))
+      >>> l2_normalize(jnp.array([[3.0, 4.0], [0.0, 0.0], [3e30, 4e30]]))
       Array([[0.6, 0.8],
-             [0. , 0. ]], dtype=float32)
+             [0. , 0. ],
+             [0.6, 0.8]], dtype=float32)
     """
     x = jnp.asarray(x)
-    sq = jnp.sum(x * x, axis=axis, keepdims=True)
+    # The scale m only conditions the arithmetic (x / ||x|| does not depend on it), so it
+    # takes no gradient; m = 0 (a zero row) and m = NaN (NaN propagates through x) become 1.
+    scale = jax.lax.stop_gradient(jnp.max(jnp.abs(x), axis=axis, keepdims=True))
+    scale = jnp.where(scale > 0, scale, jnp.ones_like(scale))
+    y = x / scale
+    sq = jnp.sum(y * y, axis=axis, keepdims=True)       # in [1, D] unless the row is zero
+    zero = sq == 0
     # Double-where: sqrt's gradient at 0 is inf, so never evaluate it there.
-    safe_sq = jnp.where(sq > eps * eps, sq, 1.0)
-    norm = jnp.where(sq > eps * eps, jnp.sqrt(safe_sq), eps)
-    return x / norm
+    root = jnp.sqrt(jnp.where(zero, 1.0, sq))
+    norm = jnp.where(zero, 0.0, scale * root)
+    small = norm < eps                                  # false for NaN: NaN stays NaN
+    return jnp.where(small, x / eps, y / root)
 
 
 def _pair(x: ArrayLike, y: ArrayLike | None) -> tuple[jax.Array, jax.Array]:
@@ -117,19 +134,76 @@ def negative_squared_euclidean(x: ArrayLike, y: ArrayLike | None = None) -> jax.
     return -squared_euclidean_distance(x, y)
 
 
-SIMILARITIES = {
-    "cosine": cosine_similarity,
-    "dot": dot_similarity,
-    "euclidean": negative_euclidean,
-    "squared_euclidean": negative_squared_euclidean,
+def _rowwise_dot(x: jax.Array, y: jax.Array) -> jax.Array:
+    return jnp.sum(x * y, axis=-1)
+
+
+def _rowwise_cosine(x: jax.Array, y: jax.Array) -> jax.Array:
+    return jnp.sum(l2_normalize(x) * l2_normalize(y), axis=-1)
+
+
+def _rowwise_neg_sq(x: jax.Array, y: jax.Array) -> jax.Array:
+    return -jnp.sum(jnp.square(x - y), axis=-1)
+
+
+def _rowwise_neg_euclidean(x: jax.Array, y: jax.Array) -> jax.Array:
+    return -safe_sqrt(jnp.sum(jnp.square(x - y), axis=-1))
+
+
+class Similarity(NamedTuple):
+    """One entry of :data:`SIMILARITIES`: a similarity and what callers need to know of it.
+
+    Attributes:
+      matrix: ``(x [N, D], y [M, D] | None) -> sim [N, M]``, larger means closer.
+      rowwise: ``(x [A, D], y [A, D]) -> sim [A]`` of matched rows ``x[i]``, ``y[i]``: O(A D)
+        with an O(A D) backward pass, for recomputing only the chosen pairs of a miner.
+      negated_distance: ``sim = -dist`` (the Euclidean kinds): a margin is in distance units
+        and a hinge on a distance is ``[d - m]_+`` (pytorch-metric-learning's non-inverted
+        distances).
+      unit_rows: the similarity L2-normalises its inputs itself (cosine). A caller that has
+        already normalised its rows gets the same values from the ``"dot"`` entry, cheaper.
+      cosine_of_unit: maps the similarity of two *unit* vectors to their cosine
+        (``d^2 = 2 - 2 cos``), for statistics reported in cosine whatever the similarity.
+    """
+    matrix: Callable[..., jax.Array]
+    rowwise: Callable[[jax.Array, jax.Array], jax.Array]
+    negated_distance: bool
+    unit_rows: bool
+    cosine_of_unit: Callable[[jax.Array], jax.Array]
+
+
+# The one registry of similarity names (objectives' ``distance=``, retrieval metrics'
+# ``similarity=``): every other module looks names up here.
+SIMILARITIES: dict[str, Similarity] = {
+    "cosine": Similarity(cosine_similarity, _rowwise_cosine, False, True, lambda s: s),
+    "dot": Similarity(dot_similarity, _rowwise_dot, False, False, lambda s: s),
+    "euclidean": Similarity(negative_euclidean, _rowwise_neg_euclidean, True, False,
+                            lambda s: 1.0 - 0.5 * s * s),
+    "squared_euclidean": Similarity(negative_squared_euclidean, _rowwise_neg_sq, True, False,
+                                    lambda s: 1.0 + 0.5 * s),
 }
 
 
-def get_similarity(name: str):
-    """Looks a similarity up by name (``"cosine"``, ``"dot"``, ``"euclidean"``, ...)."""
-    if name not in SIMILARITIES:
-        raise ValueError(f"unknown `distance`={name!r}; expected one of {sorted(SIMILARITIES)}.")
+def similarity(name: str, argument: str = "distance") -> Similarity:
+    """The registry entry :class:`Similarity` of ``name``.
+
+    Raises:
+      ValueError: ``name`` is not a key of :data:`SIMILARITIES`; the message names
+        ``argument`` (the caller's keyword) and lists the valid names.
+
+    Examples:
+      >>> similarity("euclidean").negated_distance
+      True
+    """
+    if not isinstance(name, str) or name not in SIMILARITIES:
+        raise ValueError(f"unknown `{argument}`={name!r}; expected one of "
+                         f"{sorted(SIMILARITIES)}.")
     return SIMILARITIES[name]
+
+
+def get_similarity(name: str) -> Callable[..., jax.Array]:
+    """The pairwise similarity function called ``name`` (``"cosine"``, ``"dot"``, ...)."""
+    return similarity(name).matrix
 
 
 def label_masks(labels: ArrayLike, ref_labels: ArrayLike | None = None, *,

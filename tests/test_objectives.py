@@ -12,9 +12,11 @@ import jax.numpy as jnp
 import numpy as np
 from absl.testing import absltest, parameterized
 
+from hnm import distances
 from hnm import objectives
 
 TRIPLET = ("batch_all", "batch_hard", "ephn", "epshn", "sct", "semihard")
+ALL_NAMES = tuple(objectives.names())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -439,6 +441,24 @@ class RegistryAndErrorsTest(parameterized.TestCase):
         self.assertContainsSubset({"contrastive", "multi_similarity", "supcon",
                                    "distance_weighted"}, set(names))
 
+    def test_frac_hard_has_one_meaning(self):
+        """frac_hard is the mined-triplet hn_ratio; pair objectives say frac_hard_ephn."""
+        emb, labels = _problem(3)
+        emb, labels = jnp.asarray(emb), jnp.asarray(labels)
+        pair_only = {"contrastive", "multi_similarity", "supcon"}
+        ephn_hard = float(objectives.get("ephn")(emb, labels)[1]["frac_hard"])
+        self.assertBetween(ephn_hard, 0.05, 0.95)   # a batch where the statistic can be wrong
+        for name in objectives.names():
+            with self.subTest(name):
+                _, aux = objectives.get(name)(emb, labels, jax.random.key(0))
+                if name in pair_only:
+                    self.assertNotIn("frac_hard", aux)
+                    # The same anchors count (random rows: no cosine at +-1, no duplicates).
+                    self.assertAlmostEqual(float(aux["frac_hard_ephn"]), ephn_hard, places=6)
+                else:
+                    self.assertNotIn("frac_hard_ephn", aux)
+                    self.assertIn("frac_hard", aux)
+
     def test_get_binds_options(self):
         emb, labels = _problem(0)
         a, _ = objectives.get("batch_hard", margin=0.5)(jnp.asarray(emb), jnp.asarray(labels))
@@ -460,6 +480,137 @@ class RegistryAndErrorsTest(parameterized.TestCase):
             with self.subTest(arg):
                 with self.assertRaisesRegex(ValueError, arg):
                     objectives.get(name, **opts)(emb, labels)
+
+    def test_every_option_has_a_spec(self):
+        for name in objectives.names():
+            with self.subTest(name):
+                self.assertEqual(set(objectives.OPTION_SPECS[name]), set(objectives.options(name)))
+                objectives.check_options(name, objectives.options(name))  # defaults pass
+
+    def test_out_of_range_and_mistyped_options_fail_at_get(self):
+        """The cases of issue 11, written out (independent of the specs)."""
+        cases = [(n, "temperature", v, ValueError) for n in ("ephn", "epshn", "sct", "supcon")
+                 for v in (0.0, -0.1, 0)]
+        cases += [("batch_hard", "margin", "a", TypeError), ("semihard", "margin", -0.1,
+                                                              ValueError),
+                  ("batch_all", "margin", None, TypeError),
+                  ("batch_hard", "margin", float("nan"), ValueError),
+                  ("batch_hard", "margin", float("inf"), ValueError),
+                  ("batch_hard", "normalize", "yes", TypeError),
+                  ("batch_hard", "soft", 1, TypeError),
+                  ("batch_hard", "distance", "l1", ValueError),
+                  ("batch_hard", "reduction", "sum", ValueError),
+                  ("sct", "hard_rule", "xor", ValueError),
+                  ("sct", "hard_weight", -1.0, ValueError),
+                  ("sct", "normalization", "both", ValueError),
+                  ("sct", "temperature", True, TypeError),
+                  ("ephn", "duplicate_threshold", "0.9", TypeError),
+                  ("contrastive", "neg_margin", [1.0], TypeError),
+                  ("multi_similarity", "alpha", 0.0, ValueError),
+                  ("multi_similarity", "beta", -50.0, ValueError),
+                  ("multi_similarity", "epsilon", -0.1, ValueError),
+                  ("distance_weighted", "cutoff", 0.0, ValueError),
+                  ("distance_weighted", "nonzero_loss_cutoff", -1.0, ValueError),
+                  ("distance_weighted", "margin", -0.2, ValueError),
+                  ("distance_weighted", "loss", "hinge", ValueError)]
+        for name, option, value, error in cases:
+            with self.subTest(name=name, option=option, value=value):
+                with self.assertRaises(error) as ctx:
+                    objectives.get(name, **{option: value})
+                message = str(ctx.exception)
+                self.assertIn(f"`{option}`", message)
+                self.assertIn(repr(value), message)
+                self.assertIn(name, message)
+                self.assertNotIn("\n", message)
+
+    def test_boundary_values_are_accepted(self):
+        for name, opts in (("batch_hard", dict(margin=0)), ("sct", dict(hard_weight=0.0)),
+                           ("sct", dict(temperature=1e-3)), ("contrastive",
+                                                             dict(pos_margin=-0.5)),
+                           ("multi_similarity", dict(epsilon=0.0)),
+                           ("batch_hard", dict(margin=np.float32(0.3))),
+                           ("distance_weighted", dict(beta=0))):
+            with self.subTest(name=name, opts=opts):
+                objectives.get(name, **opts)
+
+    def test_array_options_are_schedulable_and_unchecked(self):
+        emb, labels = _problem(0)
+        emb, labels = jnp.asarray(emb), jnp.asarray(labels)
+
+        @jax.jit
+        def loss_at(temperature):  # traced: no value to check at trace time
+            return objectives.get("sct", temperature=temperature)(emb, labels)[0]
+
+        want = objectives.get("sct", temperature=0.5)(emb, labels)[0]
+        np.testing.assert_allclose(loss_at(jnp.float32(0.5)), want, rtol=1e-6)
+        objectives.get("sct", temperature=jnp.float32(0.0))  # concrete array: unchecked too
+        with self.assertRaisesRegex(TypeError, "temperature.*dtype bool"):
+            objectives.get("sct", temperature=jnp.array(True))
+
+    def test_check_options_for_the_cli(self):
+        objectives.check_options("batch_hard", {"margin": 0.1, "distance": "cosine"})
+        with self.assertRaises(ValueError) as ctx:
+            objectives.check_options("ephn", {"margin": 0.1})
+        message = str(ctx.exception)
+        self.assertEqual(message,
+                         "unknown option(s) ['margin'] for objective 'ephn'; valid options: "
+                         "['duplicate_threshold', 'temperature'].")
+        with self.assertRaisesRegex(ValueError, r"name.*'nope'.*batch_hard"):
+            objectives.check_options("nope", {})
+        self.assertFalse(any(objectives.is_parametric(n) for n in objectives.names()))
+
+    @parameterized.parameters(*ALL_NAMES)
+    def test_huge_and_tiny_embeddings_normalise_exactly(self, name):
+        """Every objective normalises by default: scaling the rows by 1e20 or 1e-6 changes
+        neither the loss nor, up to that factor, the gradient (the squared norm of a 1e20 row
+        used to overflow: a finite wrong loss with zero gradient)."""
+        fn = objectives.get(name)
+        emb, labels = _problem(2)
+        key = jax.random.key(0)
+
+        def loss_and_grad(e):
+            return jax.value_and_grad(lambda e: fn(e, labels, key)[0])(jnp.asarray(e))
+
+        want, want_grad = loss_and_grad(emb)
+        self.assertGreater(float(want), 0.0)
+        for scale in (1e20, 1e-6):
+            with self.subTest(scale=scale):
+                loss, grad = loss_and_grad(emb * np.float32(scale))
+                np.testing.assert_allclose(loss, want, rtol=2e-5, atol=1e-6)
+                np.testing.assert_allclose(np.asarray(grad, np.float64) * scale, want_grad,
+                                           rtol=2e-3, atol=2e-5)
+
+    @parameterized.parameters(*ALL_NAMES)
+    def test_empty_batch_and_dimension_name_the_argument(self, name):
+        fn = objectives.get(name)
+        key = jax.random.key(0)
+        with self.assertRaisesRegex(ValueError, r"`embeddings` is empty along B \(rows\)"):
+            fn(jnp.zeros((0, 3)), jnp.zeros(0, jnp.int32), key)
+        with self.assertRaisesRegex(ValueError, r"`embeddings` is empty along D \(columns\)"):
+            fn(jnp.zeros((4, 0)), jnp.arange(4), key)
+
+    @parameterized.parameters(*ALL_NAMES)
+    def test_labels_outside_int32_or_the_mask_value_raise(self, name):
+        fn = objectives.get(name)
+        key = jax.random.key(0)
+        emb, labels = _problem(1)
+        # 2**32 and 0 would wrap to one int32 class: refused, naming the value.
+        big = labels.astype(np.int64)
+        big[big == 0] = 2 ** 32
+        with self.assertRaisesRegex(ValueError, r"`labels` holds 4294967296, outside the int32"):
+            fn(emb, big, key)
+        with self.assertRaisesRegex(ValueError, r"`labels` holds -2147483649"):
+            fn(emb, labels.astype(np.int64) - 2 ** 31 - 1, key)
+        masked = labels.astype(np.int64)
+        masked[3] = distances.MASKED_LABEL
+        for given in (masked, jnp.asarray(masked, jnp.int32), list(map(int, masked))):
+            with self.assertRaisesRegex(ValueError, r"`labels` holds -2147483648.*MASKED_LABEL"):
+                fn(emb, given, key)
+        # In range, any integer dtype gives the int32 result; traced labels are not checked.
+        want = fn(emb, labels.astype(np.int32), key)[0]
+        for dtype in (np.int64, np.int16, np.uint8):
+            np.testing.assert_allclose(fn(emb, labels.astype(dtype), key)[0], want, rtol=1e-6)
+        np.testing.assert_allclose(jax.jit(fn)(emb, labels, key)[0], want, rtol=1e-6)
 
     @parameterized.parameters(*TRIPLET)
     def test_bad_inputs_name_the_argument(self, name):
