@@ -144,6 +144,7 @@ class StepEqualsOneDeviceTest(parameterized.TestCase):
         self._check(objectives.get(name, axis_name=parallel.AXIS), objectives.get(name),
                     with_memory=True)
 
+    @pytest.mark.slow
     def test_distance_weighted_without_memory(self, name="distance_weighted"):
         # distance_weighted samples with the key: it matches only if every device gets the
         # same key (the former fold_in(key, axis_index) gave 0.4138 on 8 devices, not 0.4052).
