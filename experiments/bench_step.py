@@ -53,7 +53,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 import common  # noqa: E402  (experiments/common.py)
-from hnm import data, models, objectives, train  # noqa: E402
+from hnm import data, models, objectives, parallel, train  # noqa: E402
 
 K = 2
 OBJECTIVES = ("sct", "ephn", "batch_hard", "semihard", "multi_similarity")
@@ -162,7 +162,9 @@ def overhead_table(backbone: str, b: int, d: int, size: int, n_dev: int, repeats
     """Part 1 and the label-pattern half of part 2 for one (B, D, image size)."""
     names = (TRIVIAL, *OBJECTIVES)
     aux_keys = _aux_keys(b, d)
-    state0 = train.place_state(_state(backbone, d, (size, size, 3), dtype))
+    # A host copy, placed afresh for each objective: the step donates (deletes) its input.
+    state0 = jax.device_get(_state(backbone, d, (size, size, 3), dtype))
+    place = parallel.make_layout("pmap").place_state
     rng = np.random.default_rng(0)
     images = [rng.integers(0, 256, (b, size, size, 3), dtype=np.uint8) for _ in range(2)]
     calls = 0
@@ -178,9 +180,9 @@ def overhead_table(backbone: str, b: int, d: int, size: int, n_dev: int, repeats
     for n in names:
         bt, key = batch(), jax.random.key(calls)
         t0 = time.perf_counter()
-        states[n] = _call(steps[n], state0, bt, key)
+        states[n] = _call(steps[n], place(state0), bt, key)
         first[n] = time.perf_counter() - t0
-        flops[n] = _flops(steps[n], state0, bt, key)
+        flops[n] = _flops(steps[n], place(state0), bt, key)
     for r in range(repeats):  # interleaved: load from other jobs hits every objective alike,
         for n in names[r % len(names):] + names[:r % len(names)]:  # in a rotating order
             bt, key = batch(), jax.random.key(calls)
@@ -263,8 +265,8 @@ def _steps_per_s(config, ds, n_dev: int, n: int) -> float:
     """Warm steps/s of ``config``'s model and objective on ``ds``'s batches (median)."""
     model = models.create(train.model_config(config))
     tx = train.make_optimizer(config.optim, train.make_schedule(config.optim, 1000))
-    state = train.place_state(train.create_train_state(model, tx, jax.random.key(0),
-                                                       ds.image_shape))
+    state = parallel.make_layout("pmap").place_state(
+        train.create_train_state(model, tx, jax.random.key(0), ds.image_shape))
     step = train.make_train_step(train.build_objective(config))
     sampler = ds.init_sampler_state()
     batches = []
@@ -284,7 +286,8 @@ def _backbone_step_s(backbone: str, size: int, b: int, n_dev: int, dtype: str,
                      repeats: int) -> float:
     """Median seconds of a trivial-loss step (the backbone's cost) at ``size`` px, B = b."""
     b = max(b, K * n_dev)
-    state = train.place_state(_state(backbone, 64, (size, size, 3), dtype))
+    state = parallel.make_layout("pmap").place_state(
+        _state(backbone, 64, (size, size, 3), dtype))
     step = train.make_train_step(_trivial_objective(["loss"]))
     rng = np.random.default_rng(0)
     bt = train.shard({"images": rng.integers(0, 256, (b, size, size, 3), dtype=np.uint8),

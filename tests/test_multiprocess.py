@@ -1,5 +1,7 @@
 """Two processes x 2 devices (jax.distributed on localhost, CPU collectives) train exactly like
-one process with 4 devices: same losses at every step, same final parameters."""
+one process with 4 devices, with either backend (pmap, mesh): same losses at every step, same
+final parameters, same evaluation (with the mesh backend each process embeds only its share
+of the evaluation set and the search spans all of them)."""
 import json
 import os
 import socket
@@ -9,6 +11,7 @@ import time
 
 import jax
 import numpy as np
+import pytest
 from absl.testing import absltest
 
 from hnm import checkpoint, models, train
@@ -65,6 +68,18 @@ def _params(workdir):
     return state
 
 
+def _job(flags, port):
+    return [_launch(flags, devices=2, extra=(f"--coordinator_address=127.0.0.1:{port}",
+                                             "--num_processes=2", f"--process_id={i}"))
+            for i in range(2)]
+
+
+def _eval(workdir):
+    with open(os.path.join(workdir, "eval.json")) as f:
+        return json.load(f)
+
+
+@pytest.mark.slow
 class MultiProcessTest(absltest.TestCase):
 
     def test_two_processes_equal_one_process_with_four_devices(self):
@@ -87,14 +102,29 @@ class MultiProcessTest(absltest.TestCase):
         self.assertIn("process 1 of 2", outs[0])
         self.assertIn("| recall@1 |", outs[0])       # only process 0 prints the table
 
-        l1, l2 = _losses(one), _losses(two)
-        self.assertEqual([s for s, _ in l1], [s for s, _ in l2])
+        # The mesh backend (jit + shard_map over the 4 devices of both processes).
+        mesh = os.path.join(tmp, "mesh")
+        procs = _job(_flags(npz, mesh) + ["--config.train.backend=mesh"], _free_port())
+        outs = [p.communicate(timeout=300)[0] for p in procs]
+        for p, out in zip(procs, outs):
+            self.assertEqual(p.returncode, 0, out[-3000:])
+
+        l1 = _losses(one)
         self.assertGreater(len(l1), 2)
-        np.testing.assert_allclose([v for _, v in l2], [v for _, v in l1], rtol=1e-5, atol=1e-6)
-        s1, s2 = _params(one), _params(two)
-        self.assertEqual(int(s1.step), int(s2.step))
-        for a, b in zip(jax.tree.leaves(s1.params), jax.tree.leaves(s2.params)):
-            np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-6)
+        s1 = _params(one)
+        for other in (two, mesh):
+            l2 = _losses(other)
+            self.assertEqual([s for s, _ in l1], [s for s, _ in l2], other)
+            np.testing.assert_allclose([v for _, v in l2], [v for _, v in l1], rtol=1e-5,
+                                       atol=1e-6, err_msg=other)
+            s2 = _params(other)
+            self.assertEqual(int(s1.step), int(s2.step))
+            for a, b in zip(jax.tree.leaves(s1.params), jax.tree.leaves(s2.params)):
+                np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-6)
+            e1, e2 = _eval(one), _eval(other)
+            self.assertEqual(sorted(e1), sorted(e2))
+            for k, v in e1.items():
+                self.assertAlmostEqual(e2[k], v, delta=1e-5, msg=f"{other}: {k}")
 
     def test_dead_peer_makes_the_survivor_exit_with_an_error(self):
         tmp = self.create_tempdir().full_path
