@@ -184,7 +184,8 @@ def complete_objective(cfg: ml_collections.ConfigDict) -> None:
         raise ConfigError(f"unknown objective {name!r} (objective.name)"
                           f"{_did_you_mean(name, objectives.names())} "
                           f"(objectives: {', '.join(objectives.names())})")
-    for k, v in _objective_options(name).items():
+    defaults = {**_objective_options(name), **{k: 0 for k in TRAINER_OBJECTIVE_KEYS}}
+    for k, v in defaults.items():
         if k not in cfg.objective:
             with cfg.objective.ignore_type():
                 setattr(cfg.objective, k, v)
@@ -275,6 +276,8 @@ def apply(cfg: ml_collections.ConfigDict, key: str, raw: str) -> None:
         raise ConfigError(f"`{key}` is a group; set one of its keys: "
                           f"{', '.join(key + '.' + k for k in old)}")
     value = coerce(key, raw, old)
+    if type(value) is not type(old):  # ConfigDict would cast an int into a float field
+        del node[leaf]
     with node.ignore_type():
         setattr(node, leaf, value)
 

@@ -696,6 +696,10 @@ def evaluate_checkpoint(config, workdir: str, *, progress: bool | None = None) -
     progress = _isatty() if progress is None else progress
     if not os.path.isdir(workdir):
         raise checkpoint.CheckpointError(f"work directory {workdir!r} does not exist")
+    if not checkpoint.steps_on_disk(workdir):  # before building anything
+        raise checkpoint.CheckpointError(
+            f"no checkpoint in {os.path.join(workdir, checkpoint.CHECKPOINT_SUBDIR)}: train "
+            f"first (hnm train --workdir={workdir} ...)")
     devices, n_dev = select_devices(config)
     ds = data.build(config.data, seed=config.seed, num_devices=n_dev,
                     process_index=jax.process_index(), process_count=jax.process_count())
