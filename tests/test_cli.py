@@ -283,3 +283,39 @@ def test_coerce_rejects_what_it_cannot_read():
     with pytest.raises(config_lib.ConfigError, match="number"):
         config_lib.coerce("k", "a", 0.5)
     assert np.isinf(config_lib.coerce("k", "inf", 0.5))  # validate() rejects it later
+
+
+# ----------------------------------------------------------------------------- every objective
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", objectives.names())
+def test_objective_switch_trains_on_the_digits_config(tmp_path, capsys, name):
+    """`--config.objective.name=NAME` on the default config trains every objective: the loss
+    falls, R@1 on the unseen digits stays above 0.9 (no collapse), and the run records only
+    that objective's options."""
+    wd = str(tmp_path / "run")
+    code, out, err = _run(capsys, "train", f"--config={DIGITS}", f"--workdir={wd}",
+                          f"--config.objective.name={name}", "--config.train.num_epochs=3",
+                          "--config.train.num_devices=1", "--config.train.log_every=3",
+                          "--config.train.eval_every_epochs=100", "--config.eval.nmi=false",
+                          "--no_progress")
+    assert code == 0, err[-3000:]
+    assert "| recall@1 |" in out
+    with open(os.path.join(wd, "eval.json")) as f:
+        results = json.load(f)
+    with open(os.path.join(wd, "metrics.jsonl")) as f:
+        rows = [r for r in map(json.loads, f) if "loss" in r]
+    with open(os.path.join(wd, "config.json")) as f:
+        saved = json.load(f)["objective"]
+    assert saved["name"] == name
+    assert set(saved) - {"name"} == set(objectives.options(name)) | set(
+        config_lib.TRAINER_OBJECTIVE_KEYS)
+    first = np.mean([r["loss"] for r in rows[:2]])
+    last = np.mean([r["loss"] for r in rows[-2:]])
+    assert last < first, (name, [r["loss"] for r in rows])
+    assert all(r["num_valid"] > 0 for r in rows)
+    # The untrained MLP already retrieves the unseen digits at R@1 0.961 (MAP@R 0.583), so R@1
+    # cannot show learning here (the falling loss does); it shows the run did not collapse.
+    assert results["recall@1"] > 0.9, (name, results["recall@1"])
+    assert "step" in err  # plain progress lines without a terminal

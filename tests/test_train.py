@@ -270,7 +270,8 @@ class EndToEndTest(absltest.TestCase):
         msg = str(ctx.exception)
         self.assertIn("diverged: non-finite l2_grads", msg)  # the loss itself stayed finite
         self.assertNotIn("non-finite loss", msg)
-        first, last = map(int, msg.split("between steps ")[1].split(";")[0].split(" and "))
+        import re
+        first, last = map(int, re.search(r"between steps (\d+) and (\d+)", msg).groups())
         self.assertLess(first, last)
         with open(os.path.join(wd, "metrics.jsonl")) as f:
             rows = [json.loads(line) for line in f]
