@@ -52,6 +52,9 @@ examples:
 """
 
 
+_CONTEXT: dict = {}  # the work directory of the running subcommand, for error lines
+
+
 class UsageError(ValueError):
     """A bad command line: printed as one line, exit code 2."""
 
@@ -97,7 +100,8 @@ def add_job_flags(parser: argparse.ArgumentParser) -> None:
                         help="seconds before a job gives up on a missing or dead peer "
                         "(start-up and heartbeat) and exits with an error (default 120)")
     parser.add_argument("--verbosity", type=int, default=None, metavar="V",
-                        help="absl log level (0 = INFO; default: warnings only)")
+                        help="absl log level: 0 INFO, -1 WARNING, -2 ERROR (default: "
+                        "none; hnm prints its own one-line errors)")
 
 
 # ----------------------------------------------------------------------------- shared steps
@@ -107,11 +111,14 @@ def _quiet_logs(verbosity: int | None) -> None:
     # TensorFlow is imported later, lazily, by the tfds pipelines; keep its C++ start-up
     # chatter off the terminal. Orbax and absl log every checkpoint step at INFO.
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    from absl import logging
+    from absl import flags, logging
 
-    logging.set_verbosity(logging.WARNING if verbosity is None else verbosity)
-    # absl warns once "logging before flag parsing"; the flags are ours, not absl's.
-    logging.use_absl_handler()
+    # absl warns "logging before flag parsing" otherwise; the flags are ours, not absl's.
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
+    # Orbax logs each checkpoint at INFO and a failed write (a full disk) as ERROR lines with
+    # tracebacks; hnm reports failures itself in one line, so by default only FATAL passes.
+    logging.set_verbosity(logging.FATAL if verbosity is None else verbosity)
 
 
 def initialize_distributed(args) -> None:
@@ -231,6 +238,7 @@ def train_main(argv: Sequence[str]) -> int:
     from hnm import rundir
 
     rundir.check_workdir(args.workdir)
+    _CONTEXT["workdir"] = os.path.abspath(args.workdir)
     existed = os.path.exists(args.workdir)
     _quiet_logs(args.verbosity)
     initialize_distributed(args)
@@ -355,7 +363,9 @@ def run(argv: Sequence[str]) -> int:
                      "`hnm --help`)", 2)
     module, fn, _ = cmds[name]
     try:
-        main: Callable = getattr(importlib.import_module(module), fn)
+        # `python -m hnm.cli` runs this file as __main__: use it, not a second copy.
+        mod = sys.modules[__name__] if module == "hnm.cli" else importlib.import_module(module)
+        main: Callable = getattr(mod, fn)
         code = main(argv[1:])
         return int(code or 0)
     except SystemExit as e:  # argparse's --help (0), or a subcommand's own exit
@@ -368,8 +378,10 @@ def run(argv: Sequence[str]) -> int:
         from hnm import config as config_lib
 
         if _disk_full(e):
-            where = getattr(e, "filename", None) or "the work directory"
-            return _fail(f"disk full at {where}: {_one_line(e)[:300]}", 1)
+            where = getattr(e, "filename", None) or _CONTEXT.get("workdir") or \
+                "the work directory"
+            return _fail(f"disk full at {where} (No space left on device); free space and "
+                         "rerun to resume from the newest complete checkpoint", 1)
         if isinstance(e, config_lib.ConfigError):
             return _fail(_one_line(e), 2)
         if isinstance(e, (ValueError, OSError, RuntimeError, FloatingPointError)):

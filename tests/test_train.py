@@ -544,7 +544,7 @@ class KillAndResumeTest(absltest.TestCase):
         out, _ = proc.communicate(timeout=120)
         self.assertEqual(proc.returncode, 0, out[-3000:])
         self.assertIn("preempted: checkpoint saved at step", out)
-        step = int(out.split("checkpoint saved at step")[1].split()[0])
+        step = int(out.split("checkpoint saved at step")[1].split(";")[0])
         state, _ = _final_params(cfg, term_dir)
         self.assertEqual(int(state.step), step)
         self.assertLess(step, 1000 * 11)
