@@ -248,6 +248,8 @@ def train_main(argv: Sequence[str]) -> int:
     try:
         results = train.train_and_evaluate(cfg, args.workdir,
                                            progress=False if args.no_progress else None)
+    except rundir.RunLockedError:
+        raise  # the directory is another run's: never clean it up
     except BaseException:
         if not existed:  # a run that failed before writing anything leaves no empty folder
             rundir.remove_if_empty(args.workdir)

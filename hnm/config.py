@@ -138,11 +138,13 @@ def _get(cfg, key: str):
 
 def _did_you_mean(key: str, candidates: Iterable[str]) -> str:
     candidates = list(candidates)
-    close = difflib.get_close_matches(key, candidates, n=1, cutoff=0.6)
-    if not close:  # `--config.margin`: the leaf exists in some group
-        leaf = key.split(".")[-1]
-        close = [c for c in candidates if c.split(".")[-1] == leaf][:1] or \
-            difflib.get_close_matches(leaf, candidates, n=1, cutoff=0.75)
+    group, _, leaf = key.rpartition(".")
+    same = {c.rpartition(".")[2]: c for c in candidates if c.rpartition(".")[0] == group}
+    close = [same[m] for m in difflib.get_close_matches(leaf, list(same), n=1, cutoff=0.6)]
+    if not close:  # `--config.margin`: the leaf exists in another group
+        close = [c for c in candidates if c.rpartition(".")[2] == leaf][:1]
+    if not close:
+        close = difflib.get_close_matches(key, candidates, n=1, cutoff=0.8)
     return f"; did you mean `{close[0]}`?" if close else ""
 
 
