@@ -153,6 +153,40 @@ def initialize_distributed(args) -> None:
                 f"the job's processes did not all arrive within {args.distributed_timeout} s "
                 f"(--distributed_timeout); coordinator {args.coordinator_address}") from None
         raise RuntimeError(f"could not join the job: {text[:300]}") from None
+    if jax.process_count() > 1:
+        _exit_instead_of_abort()
+
+
+_ABORT_HANDLER = None  # kept alive: libc holds a pointer to it
+
+
+def _exit_instead_of_abort() -> None:
+    """In a multi-process job, XLA's coordination client calls abort() when a peer dies or
+    stops sending heartbeats (after its own error lines, e.g. "another task died"). Turn that
+    SIGABRT into one hnm line and exit code 1, instead of "Fatal Python error: Aborted" and a
+    core dump. The handler only writes and calls os._exit: nothing that needs the main thread.
+    """
+    global _ABORT_HANDLER
+    import ctypes
+    import signal as signal_lib
+
+    message = (b"hnm: error: the multi-process job lost a process (a peer died, or sent no "
+               b"heartbeat within --distributed_timeout); rerun the job to resume from the "
+               b"newest complete checkpoint\n")
+
+    @ctypes.CFUNCTYPE(None, ctypes.c_int)
+    def handler(signum):
+        os.write(2, message)
+        os._exit(1)
+
+    try:
+        libc = ctypes.CDLL(None)
+        libc.signal.restype = ctypes.c_void_p
+        libc.signal.argtypes = [ctypes.c_int, ctypes.c_void_p]
+        libc.signal(signal_lib.SIGABRT, ctypes.cast(handler, ctypes.c_void_p))
+        _ABORT_HANDLER = handler
+    except (OSError, AttributeError):  # no libc signal(): keep the default
+        pass
 
 
 def _print_devices(command: str) -> None:

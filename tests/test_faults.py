@@ -183,3 +183,27 @@ def test_full_file_system_is_one_line_and_resumes_elsewhere(reference, tmp_path)
     code, _, err = _run(moved)
     assert code == 0, err[-3000:]
     _assert_same_eval(_eval(moved), reference)
+
+
+def test_ctrl_c_saves_and_resumes_and_a_second_ctrl_c_aborts(reference, tmp_path):
+    wd = str(tmp_path / "run")
+    proc = _start(wd)
+    assert _wait_for_step(wd, proc, 0) is not None
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 130, err[-3000:]
+    assert "Traceback" not in err
+    step = int(re.search(r"interrupted: checkpoint saved at step (\d+);", out).group(1))
+    assert max(checkpoint.steps_on_disk(wd)) == step
+    # Twice in a row: the second one aborts at once, the checkpoints stay usable.
+    proc = _start(wd)
+    assert _wait_for_step(wd, proc, step) is not None
+    proc.send_signal(signal.SIGINT)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-3000:]
+    assert "second interrupt: aborting now" in err
+    code, _, err = _run(wd)
+    assert code == 0, err[-3000:]
+    _assert_same_eval(_eval(wd), reference)
+    _assert_no_duplicate_rows(wd)
