@@ -319,3 +319,18 @@ def test_objective_switch_trains_on_the_digits_config(tmp_path, capsys, name):
     # cannot show learning here (the falling loss does); it shows the run did not collapse.
     assert results["recall@1"] > 0.9, (name, results["recall@1"])
     assert "step" in err  # plain progress lines without a terminal
+
+
+@pytest.mark.slow
+def test_huge_learning_rate_says_diverged_before_any_evaluation(tmp_path, capsys):
+    wd = str(tmp_path / "run")
+    code, out, err = _run(capsys, "train", f"--config={DIGITS}:smoke", f"--workdir={wd}",
+                          "--config.optim.name=sgd", "--config.optim.learning_rate=1e30",
+                          "--config.train.log_every=1", "--config.train.ckpt_every=1",
+                          "--no_progress")
+    assert code == 1
+    line = _one_error_line(err)
+    assert line.startswith("hnm: error: diverged: non-finite "), line
+    assert "between steps" in line and "is kept" in line, line
+    assert "eval at step" not in err
+    assert not os.path.exists(os.path.join(wd, "eval.json"))
