@@ -33,7 +33,7 @@ import numpy as np
 import optax
 from flax.training import train_state
 
-from hnm import analysis, checkpoint, models, objectives, parallel
+from hnm import analysis, checkpoint, metrics, models, objectives, parallel, rundir
 from hnm import memory as memory_lib
 from hnm.evaluate import embed_dataset, evaluate  # noqa: F401  (moved; re-exported)
 from hnm.parallel import AXIS, shard, train_step  # noqa: F401  (moved; re-exported)
@@ -62,7 +62,9 @@ class TrainState(train_state.TrainState):
 
 
 class NonFiniteLossError(FloatingPointError):
-    """Raised when a logged loss is NaN or inf; the last good checkpoint is kept."""
+    """The run diverged: a non-finite loss, gradient norm or parameter norm at a log,
+    checkpoint or evaluation step. Raised before anything evaluates or checkpoints the bad
+    state; the last good checkpoint is kept."""
 
 
 # ----------------------------------------------------------------------------- optimisation
@@ -153,25 +155,38 @@ def _progress(it: Iterable, total: int, desc: str):
 
 
 class _Preemption:
-    """SIGTERM sets a flag; the loop saves a checkpoint at the next step and exits cleanly."""
+    """SIGTERM or SIGINT (Ctrl-C) sets a flag: the loop saves a checkpoint at the next step
+    and returns. A second signal aborts at once (``os._exit(128 + signum)``); the newest
+    complete checkpoint is still there (orbax renames a step only once it is written)."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
     def __init__(self):
         self.requested = False
-        self._old = None
+        self.signum: int | None = None
+        self._old: dict = {}
 
     def __enter__(self):
-        try:
-            self._old = signal.signal(signal.SIGTERM, self._handle)
-        except ValueError:  # not the main thread: no signal handling
-            self._old = None
+        for sig in self.SIGNALS:
+            try:
+                self._old[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread: no signal handling
+                pass
         return self
 
     def _handle(self, signum, frame):
-        self.requested = True
+        if self.requested:
+            os.write(2, b"hnm: second interrupt: aborting now (the newest complete "
+                        b"checkpoint is kept)\n")
+            os._exit(128 + signum)
+        self.requested, self.signum = True, signum
+        os.write(2, f"hnm: {signal.Signals(signum).name} received: saving a checkpoint at "
+                    "the next step, then exiting (again to abort now)\n".encode())
 
     def __exit__(self, *exc):
-        if self._old is not None:
-            signal.signal(signal.SIGTERM, self._old)
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+        self._old = {}
 
 
 def _append_jsonl(path: str | None, row: Mapping[str, Any]) -> None:
@@ -181,8 +196,99 @@ def _append_jsonl(path: str | None, row: Mapping[str, Any]) -> None:
         f.write(json.dumps(row) + "\n")
 
 
+def _trim_jsonl(path: str | None, step: int, *, drop_evals_at_step: bool = False) -> int:
+    """Drops the rows of ``metrics.jsonl`` logged after ``step`` (the restored checkpoint):
+    a resumed run logs them again. With ``drop_evals_at_step`` also the evaluation rows *at*
+    ``step`` (a finished run is re-evaluated). Rewritten atomically; returns rows dropped."""
+    if path is None or not os.path.exists(path):
+        return 0
+    with open(path) as f:
+        lines = [line for line in f if line.strip()]
+    keep = []
+    for line in lines:
+        try:
+            row = json.loads(line)
+        except ValueError:  # a row cut short by a kill: drop it
+            continue
+        s = row.get("step", 0)
+        is_eval = any(k.startswith("eval/") for k in row)
+        if s > step or (drop_evals_at_step and is_eval and s == step):
+            continue
+        keep.append(json.dumps(row) + "\n")
+    if len(keep) != len(lines):
+        tmp = path + ".tmp"
+        with open(tmp, "w") as f:
+            f.writelines(keep)
+        os.replace(tmp, path)
+    return len(lines) - len(keep)
+
+
 def _host_metrics(m: Mapping[str, Any]) -> dict:
     return {k: float(np.asarray(v)) for k, v in m.items()}
+
+
+def _say(message: str) -> None:
+    """One line of run status on stderr, from process 0 only."""
+    if jax.process_index() == 0:
+        import sys
+        print(f"hnm: {message}", file=sys.stderr, flush=True)
+
+
+def _format_eta(seconds: float) -> str:
+    if not np.isfinite(seconds):
+        return "?"
+    seconds = int(round(seconds))
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+class _Reporter:
+    """Progress: a tqdm bar that stays (``bar=True``, a terminal), or, without a terminal, one
+    plain line on stderr every log step and at each evaluation (step, loss, images/s, ETA)."""
+
+    def __init__(self, start: int, total: int, bar: bool, batch: int):
+        self.total, self.batch, self.enabled = total, batch, jax.process_index() == 0
+        self._first: tuple[float, int] | None = None
+        self._bar = None
+        if bar and self.enabled:
+            from tqdm.auto import tqdm  # lazy: only for interactive runs
+            self._bar = tqdm(total=total, initial=start, desc="train", leave=True,
+                             dynamic_ncols=True)
+
+    def step(self) -> None:
+        if self._bar is not None:
+            self._bar.update(1)
+
+    def log(self, step: int, m: Mapping[str, float]) -> None:
+        if self._bar is not None:
+            self._bar.set_postfix(loss=f"{m['loss']:.4f}", hard=f"{m['frac_hard']:.2f}")
+        elif self.enabled:
+            # Rates over the whole run since the first log step (checkpoints and evaluations
+            # included, compilation excluded), so the ETA does not jump between log steps.
+            now = time.perf_counter()
+            if self._first is None:
+                self._first = (now, step)
+                ips, eta = m["images_per_s"], (self.total - step) / max(m["steps_per_s"], 1e-9)
+            else:
+                dt, ds = now - self._first[0], step - self._first[1]
+                ips = ds * self.batch / dt if dt > 0 else 0.0
+                eta = (self.total - step) * dt / ds if ds else np.inf
+            _say(f"step {step}/{self.total} ({100 * step / self.total:.0f}%)  loss "
+                 f"{m['loss']:.4f}  {ips:.0f} images/s  ETA {_format_eta(eta)}")
+
+    def evaluation(self, step: int, results: Mapping[str, float]) -> None:
+        if not self.enabled:
+            return
+        keys = [k for k in ("recall@1", "map@r") if k in results]
+        line = f"eval at step {step}: " + "  ".join(f"{k} {results[k]:.4f}" for k in keys)
+        if self._bar is not None:
+            self._bar.write("hnm: " + line)
+        else:
+            _say(line)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
 
 
 def _model_signature(config) -> dict:
@@ -284,13 +390,18 @@ def make_train_step(objective_fn: Callable, devices=None, *,
 
 
 def check_config(config) -> None:
-    """Fails in one line, before anything compiles, on an unknown objective or option."""
+    """Fails in one line, before anything compiles, on an unknown objective or option or an
+    out-of-range number (:func:`hnm.config.validate`)."""
+    from hnm import config as config_lib
+
     memory_options(config)
     param_lr_mult(config)
     parallel.layout_from_config(config)
-    name, opts = _objective_options(config)
-    objectives.get(name, **opts)
-    models.create(model_config(config))
+    config_lib.validate(config)
+    try:
+        models.create(model_config(config))
+    except TypeError as e:  # an unknown model option
+        raise ValueError(f"model config: {e}") from e
 
 
 def build_objective(config, axis_name: str | None = AXIS) -> Callable:
@@ -326,22 +437,94 @@ def class_indexer(ds) -> Callable[[Mapping[str, np.ndarray]], dict]:
 # ----------------------------------------------------------------------------- the run
 
 
-def train_and_evaluate(config, workdir: str, *, progress: bool | None = None) -> dict:
-    """Trains ``config`` in ``workdir`` (resuming its newest checkpoint) and evaluates.
+def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, Mapping):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[prefix + k] = v
+    return out
 
-    Returns the final evaluation metrics, also written to ``workdir/eval.json``.
+
+def config_changes(old: Mapping[str, Any], new: Mapping[str, Any]) -> dict:
+    """``{key: [old, new]}`` for every leaf that differs (missing leaves are None)."""
+    a, b = _flatten(old), _flatten(new)
+    return {k: [a.get(k), b.get(k)] for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)}
+
+
+def _record_start(workdir: str, config, step: int) -> None:
+    """Keeps the run's history: each start appends to ``runs.jsonl`` (time, host, PID, step,
+    the keys that changed and the full config); ``config.json`` holds the latest start's
+    config, replaced only with a line saying which keys changed."""
+    import socket
+
+    new = json.loads(config.to_json())
+    path = os.path.join(workdir, "config.json")
+    changes = {}
+    if os.path.exists(path):
+        with open(path) as f:
+            changes = config_changes(json.load(f), new)
+    if changes:
+        shown = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changes.items())
+        _say(f"{'resuming at step ' + str(step) if step else 'starting'} with settings that "
+             f"differ from the run's config.json: {shown} (recorded in runs.jsonl)")
+    with open(os.path.join(workdir, "runs.jsonl"), "a") as f:
+        f.write(json.dumps({"start": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "step": step,
+                            "host": socket.gethostname(), "pid": os.getpid(),
+                            "changed": changes, "config": new}) + "\n")
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(config.to_json(indent=2))
+    os.replace(tmp, path)
+
+
+def _check_finite(m: Mapping[str, Any], first: int, step: int, kept: int | None) -> None:
+    """Stops a diverged run: loss, gradient norm and parameter norm must be finite."""
+    bad = [k for k in ("loss", "l2_grads", "l2_params")
+           if k in m and not np.isfinite(float(np.asarray(m[k])))]
+    if bad:
+        keep = (f"the last good checkpoint (step {kept}) is kept" if kept is not None
+                else "no checkpoint was written")
+        raise NonFiniteLossError(
+            f"diverged: non-finite {', '.join(bad)} between steps {first} and {step} (try a "
+            f"smaller --config.optim.learning_rate); {keep}")
+
+
+def train_and_evaluate(config, workdir: str, *, progress: bool | None = None) -> dict:
+    """Trains ``config`` in ``workdir`` (resuming its newest verified checkpoint), evaluates.
+
+    Returns the final evaluation metrics, also written to ``workdir/eval.json``, or
+    ``{"preempted_at_step": N, "signal": NAME}`` when SIGTERM/SIGINT stopped it.
+
+    Raises:
+      ValueError: a config, data, work-directory or checkpoint problem (one line), before
+        anything compiles where it can be known then.
+      NonFiniteLossError: the run diverged; the last good checkpoint is kept.
     """
     from hnm import data  # leaf; may import TensorFlow lazily for tfds sources
 
-    os.makedirs(workdir, exist_ok=True)
-    progress = _isatty() if progress is None else progress
+    rundir.check_workdir(workdir)
+    bar = _isatty() if progress is None else progress
     check_config(config)
     layout = parallel.layout_from_config(config)
-    n_dev = layout.num_local_devices
     is_main = jax.process_index() == 0  # writes metrics, eval.json and plots
+    with rundir.RunLock(workdir, enabled=is_main) as lock:
+        if lock.took_over_message():
+            _say(lock.took_over_message())
+        return _train_locked(config, workdir, data, layout, bar)
+
+
+def _train_locked(config, workdir, data, layout, bar) -> dict:
+    n_dev = layout.num_local_devices
+    is_main = jax.process_index() == 0
     ds = data.build(config.data, seed=config.seed, num_devices=n_dev,
                     process_index=jax.process_index(), process_count=jax.process_count())
     total_steps = int(config.train.num_epochs * ds.steps_per_epoch)
+    if total_steps < 1:
+        raise ValueError(f"`train.num_epochs`={config.train.num_epochs} x "
+                         f"{ds.steps_per_epoch} steps per epoch is no step; raise "
+                         "--config.train.num_epochs")
     schedule = make_schedule(config.optim, total_steps)
     model = models.create(model_config(config))
     key = jax.random.key(config.seed)
@@ -351,18 +534,21 @@ def train_and_evaluate(config, workdir: str, *, progress: bool | None = None) ->
     state = build_state(config, model, schedule, init_key, ds, objective)
     # Class parameters are indexed by class: labels become [0, num_classes).
     labels_of = class_indexer(ds) if parallel.is_parametric(objective) else dict
-    manager = checkpoint.open_manager(workdir, max_to_keep=config.train.get("keep", 3))
-    if manager.latest_step() is None:  # fresh run: start from pretrained weights if asked
+    manager, state, meta = checkpoint.restore_verified(
+        workdir, state, max_to_keep=config.train.get("keep", 3), say=_say,
+        check_meta=lambda m: _check_checkpoint_model(m, config, workdir))
+    if meta is None:  # fresh run: start from pretrained weights if asked
         state = load_pretrained(state, config)
-    _check_checkpoint_model(checkpoint.restore_meta(manager), config, workdir)
-    state, meta = checkpoint.restore_or_init(manager, state)
     state = layout.place_state(state)
     sampler = ds.init_sampler_state() if meta is None else type(ds.init_sampler_state())(
         *meta["sampler"])
     step = int(state.step)
+    metrics_path = os.path.join(workdir, "metrics.jsonl") if is_main else None
     if is_main:
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            f.write(config.to_json(indent=2))
+        _record_start(workdir, config, step)
+        _trim_jsonl(metrics_path, step, drop_evals_at_step=step >= total_steps)
+    if step >= total_steps:
+        _say(f"complete at step {step}; re-evaluating")
 
     p_train = layout.make_train_step(objective, memory_start_step=memory_start)
     p_embed = layout.make_embed_step()
@@ -370,95 +556,101 @@ def train_and_evaluate(config, workdir: str, *, progress: bool | None = None) ->
                                        margin=float(config.train.get("diag_margin", 0.2))))
     log_every, ckpt_every = int(config.train.log_every), int(config.train.ckpt_every)
     eval_every = max(1, int(config.train.eval_every_epochs * ds.steps_per_epoch))
-    metrics_path = os.path.join(workdir, "metrics.jsonl") if is_main else None
-
-    def check_finite(m, step):
-        # A diverged state is never logged as good nor checkpointed: the last good one stays.
-        if not (np.isfinite(float(m["loss"])) and np.isfinite(float(m["l2_params"]))):
-            manager.wait_until_finished()
-            raise NonFiniteLossError(
-                f"non-finite loss {float(m['loss'])} (or parameters) between steps "
-                f"{last_good} and {step}; the last good checkpoint (step "
-                f"{manager.latest_step()}) is kept.")
+    saved = manager.latest_step()
 
     def save(step, m, force=False):
-        check_finite(m, step)
+        nonlocal saved
+        # A diverged state is never checkpointed: the last good one stays.
+        _check_finite(m, last_good, step, saved)
         checkpoint.save(manager, step, state, {"sampler": [int(x) for x in sampler],
-                                               "model": _model_signature(config)}, force=force)
+                                               "model": _model_signature(config)},
+                        force=force, workdir=workdir)
+        saved = step
 
     last_good, t0, t_steps = step, time.perf_counter(), step
-    bar = _progress(range(step, total_steps), total_steps - step, "train") if progress else None
-    with _Preemption() as preempt:
-        while step < total_steps:
-            batch, sampler = ds.train_batch(sampler)
-            batch = layout.shard_batch(labels_of(batch))
-            state, m = p_train(state, batch, jax.random.fold_in(step_key, step))
-            step += 1
-            if bar is not None:
-                bar.update(1)
-            if step % log_every == 0 or step == total_steps:
-                m = _host_metrics(m)
-                check_finite(m, step)
-                last_good = step
-                dt = time.perf_counter() - t0
-                # Diagnostics on this batch in inference mode: one extra forward pass per
-                # log step, kept out of the jitted train step (its hot path).
-                emb = p_embed(state, batch["images"])
-                diag = p_diag(parallel.rows(emb), batch["labels"].reshape(-1))
-                m.update({f"diag/{k}": float(v) for k, v in diag.items()})
-                m.update(step=step, epoch=step / ds.steps_per_epoch,
-                         learning_rate=float(schedule(step - 1)),
-                         steps_per_s=(step - t_steps) / dt,
-                         images_per_s=(step - t_steps) * ds.batch_size / dt)
-                _append_jsonl(metrics_path, m)
-                if bar is not None:
-                    bar.set_postfix(loss=f"{m['loss']:.4f}", hard=f"{m['frac_hard']:.2f}")
-                t0, t_steps = time.perf_counter(), step
-            if step % ckpt_every == 0 or preempt.requested:
-                save(step, m)
-            if preempt.requested:
-                manager.wait_until_finished()
-                return {"preempted_at_step": step}
-            if step % eval_every == 0 and step < total_steps:
-                periodic = evaluate(state, ds.eval_sets(), config.eval, p_embed, layout)
-                _append_jsonl(metrics_path, {"step": step, **{f"eval/{k}": v
-                                                              for k, v in periodic.items()}})
-    if bar is not None:
-        bar.close()
-    if manager.latest_step() != step:
-        save(step, m, force=True)
-    manager.wait_until_finished()
-    final = evaluate(state, ds.eval_sets(), config.eval, p_embed, layout, progress)
-    final["step"] = step
-    _append_jsonl(metrics_path, {"step": step, **{f"eval/{k}": v for k, v in final.items()}})
-    _write_eval_json(workdir, final)
-    if is_main:
-        write_plots(workdir)
-    manager.close()
-    return final
+    reporter = _Reporter(step, total_steps, bar, ds.batch_size)
+    m_dev = None
+    try:
+        with _Preemption() as preempt:
+            while step < total_steps:
+                batch, sampler = ds.train_batch(sampler)
+                batch = layout.shard_batch(labels_of(batch))
+                # The step donates `state`: only the returned state is used from here on.
+                state, m_dev = p_train(state, batch, jax.random.fold_in(step_key, step))
+                step += 1
+                reporter.step()
+                if step % log_every == 0 or step == total_steps:
+                    m = _host_metrics(m_dev)
+                    _check_finite(m, last_good, step, saved)
+                    last_good = step
+                    dt = time.perf_counter() - t0
+                    # Diagnostics on this batch in inference mode: one extra forward pass per
+                    # log step, kept out of the jitted train step (its hot path).
+                    emb = p_embed(state, batch["images"])
+                    diag = p_diag(parallel.rows(emb), batch["labels"].reshape(-1))
+                    m.update({f"diag/{k}": float(v) for k, v in diag.items()})
+                    m.update(step=step, epoch=step / ds.steps_per_epoch,
+                             learning_rate=float(schedule(step - 1)),
+                             steps_per_s=(step - t_steps) / dt,
+                             images_per_s=(step - t_steps) * ds.batch_size / dt)
+                    _append_jsonl(metrics_path, m)
+                    reporter.log(step, m)
+                    t0, t_steps = time.perf_counter(), step
+                if step % ckpt_every == 0 or preempt.requested:
+                    save(step, m_dev)
+                if preempt.requested:
+                    name = signal.Signals(preempt.signum).name
+                    return {"preempted_at_step": step, "signal": name}
+                if step % eval_every == 0 and step < total_steps:
+                    # Never evaluate a bad state: the check costs one transfer per evaluation.
+                    _check_finite(m_dev, last_good, step, saved)
+                    periodic = evaluate(state, ds.eval_sets(), config.eval, p_embed, layout)
+                    _append_jsonl(metrics_path, {"step": step, **{
+                        f"eval/{k}": v for k, v in periodic.items()}})
+                    reporter.evaluation(step, periodic)
+        reporter.close()
+        if manager.latest_step() != step:
+            save(step, m_dev, force=True)
+        final = evaluate(state, ds.eval_sets(), config.eval, p_embed, layout, bar)
+        final["step"] = step
+        _append_jsonl(metrics_path, {"step": step, **{f"eval/{k}": v for k, v in final.items()}})
+        _write_eval_json(workdir, final)
+        if is_main:
+            write_plots(workdir)
+        return final
+    finally:
+        reporter.close()
+        manager.close()
 
 
 def evaluate_checkpoint(config, workdir: str, *, progress: bool | None = None) -> dict:
-    """Evaluates the newest checkpoint of ``workdir``; writes and returns ``eval.json``."""
+    """Evaluates the newest verified checkpoint of ``workdir``; writes and returns
+    ``eval.json``. A step that fails verification is reported and the next older one used."""
     from hnm import data
 
     progress = _isatty() if progress is None else progress
+    if not os.path.isdir(workdir):
+        raise checkpoint.CheckpointError(f"work directory {workdir!r} does not exist")
+    if not checkpoint.steps_on_disk(workdir):  # before building anything
+        raise checkpoint.CheckpointError(
+            f"no checkpoint in {os.path.join(workdir, checkpoint.CHECKPOINT_SUBDIR)}: train "
+            f"first (hnm train --workdir={workdir} ...)")
     layout = parallel.layout_from_config(config)
     ds = data.build(config.data, seed=config.seed, num_devices=layout.num_local_devices,
                     process_index=jax.process_index(), process_count=jax.process_count())
     model = models.create(model_config(config))
     state = build_state(config, model, make_schedule(config.optim, 1),
                         jax.random.key(config.seed), ds, build_objective(config))
-    manager = checkpoint.open_manager(workdir)
-    if manager.latest_step() is None:
-        raise ValueError(f"no complete checkpoint in {workdir}/{checkpoint.CHECKPOINT_SUBDIR}.")
-    _check_checkpoint_model(checkpoint.restore_meta(manager), config, workdir)
-    state, _ = checkpoint.restore_or_init(manager, state)
+    manager, state, _ = checkpoint.restore_verified(
+        workdir, state, say=_say, move_failing=False, require=True,
+        check_meta=lambda m: _check_checkpoint_model(m, config, workdir))
     state = layout.place_state(state)
-    results = evaluate(state, ds.eval_sets(), config.eval, None, layout, progress)
-    results["step"] = int(state.step)
-    _write_eval_json(workdir, results)
-    manager.close()
+    try:
+        results = evaluate(state, ds.eval_sets(), config.eval, None, layout, progress)
+        results["step"] = int(state.step)
+        _write_eval_json(workdir, results)
+    finally:
+        manager.close()
     return results
 
 

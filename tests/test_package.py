@@ -19,18 +19,40 @@ def test_core_imports_without_tensorflow_tfds_orbax_or_matplotlib():
         assert heavy not in loaded, f"`import hnm` pulled in {heavy}"
 
 
-def test_every_objective_is_registered_and_buildable():
+def test_every_objective_is_registered_and_gives_a_finite_loss_with_a_gradient():
+    import jax
+    import jax.numpy as jnp
+
     import hnm
     assert hnm.objectives.names() == sorted(
         ["batch_all", "batch_hard", "contrastive", "distance_weighted", "ephn", "epshn",
          "multi_similarity", "sct", "semihard", "supcon"])
+    emb = jax.random.normal(jax.random.key(0), (16, 8))
+    labels = jnp.repeat(jnp.arange(8), 2)
     for name in hnm.objectives.names():
         fn = hnm.objectives.get(name)
-        assert callable(fn)
+        loss, aux = fn(emb, labels, jax.random.key(1))
+        grad = jax.grad(lambda e: fn(e, labels, jax.random.key(1))[0])(emb)
+        assert loss.shape == () and bool(jnp.isfinite(loss)), name
+        assert int(aux["num_valid"]) > 0, name
+        assert bool(jnp.all(jnp.isfinite(grad))) and float(jnp.abs(grad).max()) > 0, name
 
 
-def test_console_script_prints_usage():
+def test_console_script_prints_usage_and_fails_without_a_command():
     out = subprocess.run([sys.executable, "-m", "hnm.cli"], capture_output=True, text=True,
                          cwd=ROOT)
-    assert out.returncode != 0
-    assert "usage: hnm {train,eval}" in out.stderr + out.stdout
+    assert out.returncode == 2
+    assert "usage: hnm {train,eval,config" in out.stderr
+    setup = open(os.path.join(ROOT, "setup.cfg")).read()
+    assert "hnm = hnm.cli:main" in setup
+
+
+def test_cli_help_does_not_import_jax():
+    # `hnm --help` answers at once: no JAX, TensorFlow or orbax behind it.
+    code = ("import sys; from hnm import cli; cli.run(['--help']); "
+            "print(sorted({m.split('.')[0] for m in sys.modules}))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         cwd=ROOT, check=True).stdout
+    loaded = eval(out.splitlines()[-1])
+    for heavy in HEAVY:
+        assert heavy not in loaded, heavy
