@@ -103,6 +103,17 @@ def ephn(embeddings: ArrayLike, labels: ArrayLike, key: jax.Array | None = None,
     Raises:
       ValueError, TypeError: for badly shaped or typed ``embeddings`` / ``labels``.
 
+    Examples:
+      Four unit vectors, classes {0, 1} and {2, 3}. Anchor 1's positive (cosine 0.6) is less
+      similar than its negative 2 (0.8): hard; anchor 2 ties (0.8 and 0.8): not hard. The loss
+      is the mean of softplus(-6), softplus(2), softplus(0), softplus(-5.2):
+
+      >>> import jax.numpy as jnp
+      >>> emb = jnp.array([[1.0, 0.0], [0.6, 0.8], [0.0, 1.0], [-0.6, 0.8]])
+      >>> loss, aux = ephn(emb, jnp.array([0, 0, 1, 1]))
+      >>> round(float(loss), 4), float(aux["frac_hard"])
+      (0.707, 0.25)
+
     References:
       Xuan et al. Hard Negative Examples are Hard, but Useful. ECCV 2020.
     """
