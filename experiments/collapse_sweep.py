@@ -68,7 +68,7 @@ def run_cell(config, workdir: str) -> dict:
         "effective_rank": diag["effective_rank"],
         "mean_distance": diag["mean_distance"],
         "final_loss": last["loss"],
-        "final_frac_hard": last["frac_hard"],
+        "final_frac_hard": last.get("frac_hard", last.get("frac_hard_ephn", float("nan"))),
     }
 
 

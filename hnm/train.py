@@ -260,7 +260,9 @@ class _Reporter:
 
     def log(self, step: int, m: Mapping[str, float]) -> None:
         if self._bar is not None:
-            self._bar.set_postfix(loss=f"{m['loss']:.4f}", hard=f"{m['frac_hard']:.2f}")
+            # Pair and proxy objectives mine no triplets: they have no `frac_hard`.
+            extra = {"hard": f"{m['frac_hard']:.2f}"} if "frac_hard" in m else {}
+            self._bar.set_postfix(loss=f"{m['loss']:.4f}", **extra)
         elif self.enabled:
             # Rates over the whole run since the first log step (checkpoints and evaluations
             # included, compilation excluded), so the ETA does not jump between log steps.
