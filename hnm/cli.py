@@ -35,7 +35,24 @@ _TIMEOUT = flags.DEFINE_integer(
     "Seconds before a multi-process job gives up on a missing or dead peer (initialisation "
     "and heartbeat), so the survivors exit with an error instead of hanging.")
 
-USAGE = "usage: hnm {train,eval} --workdir=DIR [--config=experiments/NAME.py[:variant]]"
+USAGE = ("usage: hnm {train,eval} --workdir=DIR [--config=experiments/NAME.py[:variant]]\n"
+         "       hnm {embed,search,export} ... (see hnm COMMAND --help)")
+# Commands that use a trained model (#10): argparse functions raising ValueError on user
+# errors, dispatched before absl parses its flags.
+TOOLS = {"embed": "hnm.inference:embed_command", "search": "hnm.search:search_command",
+         "export": "hnm.export:export_command"}
+
+
+def run_tool(name: str, args) -> str | None:
+    """Runs ``hnm NAME ARGS``; a user error comes back as its one ``hnm: error:`` line."""
+    import importlib
+    module, fn = TOOLS[name].split(":")
+    _quiet_tensorflow()
+    try:
+        getattr(importlib.import_module(module), fn)(list(args))
+    except ValueError as e:
+        return f"hnm: error: {e}"
+    return None
 
 
 def _quiet_tensorflow() -> None:
@@ -82,6 +99,9 @@ def initialize_distributed() -> None:
 
 
 def main(argv=None) -> None:
+    args = sys.argv if argv is None else argv
+    if len(args) > 1 and args[1] in TOOLS:
+        sys.exit(run_tool(args[1], args[2:]))
     app.run(_main, argv=argv)
 
 
@@ -115,11 +135,16 @@ def _main(argv) -> None:
     else:
         config = _CONFIG.value or _load_run_config(_WORKDIR.value)
         results = train.evaluate_checkpoint(config, _WORKDIR.value, progress=progress)
+        if jax.process_index() == 0 and "preempted_at_step" not in results:
+            from hnm import inference  # embedding map, worst queries, per-class R@1 (#10)
+            for path in inference.eval_pictures(_WORKDIR.value):
+                print(f"wrote {path}", file=sys.stderr)
     if "preempted_at_step" in results:
         print(f"preempted: checkpoint saved at step {results['preempted_at_step']}")
         return
     if jax.process_index() == 0:
-        print(format_table(results))
+        from hnm import inference
+        print(inference.results_table(results))  # with baseline rows; eval.json's units
         print(f"(written to {os.path.join(_WORKDIR.value, 'eval.json')})")
 
 
