@@ -316,6 +316,14 @@ class CliTest(absltest.TestCase):
         r = _cli("search", f"--index={tmp}/i.npz", f"--query={tmp}/q.npz", "-k", "3")
         self.assertEqual(r.returncode, 0, r.stderr[-2000:])
         self.assertTrue(r.stdout.splitlines()[0].startswith("0: 0:1.0000"), r.stdout)
+        # hnm eval: the table (eval.json's units, baseline rows) and the pictures.
+        r = _cli("eval", f"--workdir={tmp}/run")
+        self.assertEqual(r.returncode, 0, r.stderr[-2000:])
+        with open(os.path.join(tmp, "run", "eval.json")) as f:
+            scored = json.load(f)
+        self.assertIn(f"| trained (step 7) | {scored['recall@1']:.4f} |", r.stdout)
+        for name in ("embedding_map.png", "worst_queries.png", "per_class_recall.png"):
+            self.assertTrue(os.path.getsize(os.path.join(tmp, "run", name)) > 1000, name)
         np.savez(os.path.join(tmp, "bad.npz"), images=np.zeros((2, 5, 5), np.uint8))
         for args, word in ((("embed", f"--workdir={tmp}/run", f"--input={tmp}/bad.npz",
                              f"--output={tmp}/b.npy"), "8 x 8 x 1"),
@@ -330,6 +338,28 @@ class CliTest(absltest.TestCase):
                 self.assertTrue(lines[-1].startswith("hnm: error: "), r.stderr[-2000:])
                 self.assertIn(word, lines[-1])
                 self.assertNotIn("Traceback", r.stderr)
+
+
+@pytest.mark.slow
+class FirstRunTest(absltest.TestCase):
+    """The README's first command: the trained row beats the untrained network and raw
+    pixels on the same split, in the table and in eval.json (about a minute of CPU)."""
+
+    def test_default_config_beats_its_baselines(self):
+        tmp = self.create_tempdir().full_path
+        r = _cli("train", "--config=experiments/digits.py", f"--workdir={tmp}", "--no_progress")
+        self.assertEqual(r.returncode, 0, r.stderr[-3000:])
+        with open(os.path.join(tmp, "eval.json")) as f:
+            out = json.load(f)
+        base = out["baselines"]
+        self.assertGreater(out["recall@1"], base["raw_pixels"]["recall@1"] + 0.05)
+        self.assertGreater(out["recall@1"], base["untrained"]["recall@1"] + 0.05)
+        self.assertAlmostEqual(base["raw_pixels"]["recall@1"], 0.752, places=3)  # hnm.glyphs
+        table = [line for line in r.stdout.splitlines() if line.startswith("| ")]
+        self.assertEqual([row.split(" | ")[0] for row in table[1:]],
+                         [f"| trained (step {out['step']})", "| untrained", "| raw pixels"])
+        self.assertIn(f" {out['recall@1']:.4f} ", table[1])
+        self.assertIn(f" {base['raw_pixels']['recall@1']:.4f} ", table[3])
 
 
 if __name__ == "__main__":
