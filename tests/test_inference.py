@@ -228,6 +228,7 @@ class PicturesTest(absltest.TestCase):
         self.assertEqual(heights[9], 3)   # three classes in [0.9, 1.0]
         self.assertEqual(sum(heights), 4)
 
+    @pytest.mark.slow  # t-SNE + three figures: ~5-20 s on 2 cores
     def test_write_pictures_and_curves_with_baselines(self):
         paths = inference.write_pictures(self.dir, self.emb, self.labels, self.images, k=4,
                                          num_queries=2)
