@@ -297,7 +297,8 @@ class EmbedCommandTest(absltest.TestCase):
 
 def _cli(*args, cwd=ROOT):
     return subprocess.run([sys.executable, "-m", "hnm.cli", *args], cwd=cwd,
-                          env=dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2"),
+                          env=dict(os.environ,
+                                   XLA_FLAGS="--xla_force_host_platform_device_count=2"),
                           capture_output=True, text=True, timeout=600)
 
 
