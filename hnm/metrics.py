@@ -8,8 +8,7 @@ similarities to blocks of the gallery with one matmul, keeps a running ``jax.lax
 is merged across gallery blocks, and reduces each query's top-``k`` list to its metrics on
 device (the search itself is :func:`hnm.search.block_top_k`, public as
 :func:`hnm.search.knn`). The block function is jitted once: the last query block and gallery
-block are padded
-to the block size and the padding is masked out.
+block are padded to the block size and the padding is masked out.
 
 Two protocols:
 
