@@ -10,6 +10,10 @@ imports (``pip install faiss-cpu==1.15.1``), the same run times ``IndexFlatIP.se
 k + 1 neighbours (it returns the query itself; hnm excludes it inside the search) with
 k = max(max(ks), max R), and checks that both give the same Recall@K.
 
+It then times the public search alone, ``hnm.search.knn`` (top-k, self excluded) beside
+``IndexFlatIP.search``, and checks that ``hnm.search.Index`` gives the same Recall@1 with the
+exact and the faiss backends (target: within 1e-4).
+
 Prints the warm times (compilation reported separately), their ratio (target: hnm within
 1.5x of faiss) and the peak extra host memory of hnm's evaluation (target < 2 GiB), measured
 as the rise of the process's resident-set high-water mark (``/proc/self/clear_refs`` resets
@@ -30,7 +34,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 import jax  # noqa: E402  (after the path tweak, so the checkout's hnm is used)
 
-from hnm import metrics  # noqa: E402
+from hnm import metrics, search  # noqa: E402
 
 KS = (1, 2, 4, 8)
 MIB = 1 << 20
@@ -104,10 +108,7 @@ def faiss_recalls(emb, labels, k, ks):
 
 def block_scratch_bytes(n, dim, k, block_size):
     """XLA's scratch-memory estimate of one compiled block (same shapes the run uses)."""
-    bq = metrics._balanced_block(n, metrics.DEFAULT_QUERY_BLOCK) if block_size is None \
-        else block_size
-    bg = metrics._balanced_block(n, metrics.DEFAULT_GALLERY_BLOCK) if block_size is None \
-        else block_size
+    bq, bg = search.block_shape(n, n, block_size)
     rows = max(-(-n // bq) * bq, -(-n // bg) * bg)
     emb = jax.ShapeDtypeStruct((rows, dim), np.float32)
     ints = jax.ShapeDtypeStruct((rows,), np.int32)
@@ -118,6 +119,36 @@ def block_scratch_bytes(n, dim, k, block_size):
         exclude_self=True).compile()
     analysis = compiled.memory_analysis()
     return (bq, bg), (None if analysis is None else analysis.temp_size_in_bytes)
+
+
+def knn_vs_faiss(emb, labels, k):
+    """``hnm.search.knn`` (exact, blocked, all devices) next to faiss ``IndexFlatIP`` on the
+    same leave-one-out top-k search; both through ``hnm.search.Index`` for Recall@1."""
+    import faiss  # optional
+    emb_dev = jax.device_put(emb)
+    start = time.perf_counter()
+    search.knn(emb_dev, None, k, exclude_self=True)
+    cold = time.perf_counter() - start
+    start = time.perf_counter()
+    _, idx = search.knn(emb_dev, None, k, exclude_self=True)
+    warm = time.perf_counter() - start
+    index = faiss.IndexFlatIP(emb.shape[1])
+    index.add(emb)
+    start = time.perf_counter()
+    index.search(emb, k + 1)
+    seconds = time.perf_counter() - start
+    fast = search.Index(backend="faiss")
+    fast.add(emb, labels)
+    nbrs = fast.search(emb, 1, exclude_self=True).labels[:, 0]
+    has_pos = np.bincount(labels)[labels] > 1
+    r1_exact = float((labels[idx[:, 0]] == labels)[has_pos].mean())
+    r1_faiss = float((nbrs == labels)[has_pos].mean())
+    print(f"knn   : {warm:8.2f} s warm ({cold:.2f} s with compilation) hnm.search.knn(k={k}, "
+          f"exclude_self) on {len(jax.local_devices())} device(s)")
+    print(f"faiss : {seconds:8.2f} s IndexFlatIP.search(k={k + 1})")
+    print(f"ratio : knn / faiss = {warm / seconds:.2f} (target <= 1.5); Recall@1 exact "
+          f"{r1_exact:.4f} vs Index(backend='faiss') {r1_faiss:.4f} "
+          f"(|diff| = {abs(r1_exact - r1_faiss):.1e}, target <= 1e-4)")
 
 
 def main(argv=None):
@@ -171,6 +202,7 @@ def main(argv=None):
     diff = max(abs(recalls[name] - result[name]) for name in recalls)
     print(f"ratio : hnm / faiss = {warm / seconds:.2f} (target <= 1.5); "
           f"max |Recall@K difference| = {diff:.2e}")
+    knn_vs_faiss(emb, labels, k)
 
 
 if __name__ == "__main__":

@@ -31,15 +31,15 @@ import os
 import sys
 from typing import Callable, Sequence
 
-# name -> (module, function, one-line summary). `embed`, `search` and `export` belong to the
-# inference modules; they appear once those modules exist.
+# name -> (module, function(argv) -> exit code, one-line summary). `embed`, `search` and
+# `export` live in the inference modules; each raises ValueError on a user error.
 COMMANDS: dict[str, tuple[str, str, str]] = {
     "train": ("hnm.cli", "train_main", "train a config in a work directory, then evaluate"),
     "eval": ("hnm.cli", "eval_main", "evaluate the newest verified checkpoint of a run"),
     "config": ("hnm.cli", "config_main", "print a resolved config: every key you can set"),
-    "embed": ("hnm.inference", "main", "embed images with a trained run"),
-    "search": ("hnm.search", "main", "search a gallery of embeddings"),
-    "export": ("hnm.export", "main", "export a trained model"),
+    "embed": ("hnm.inference", "embed_command", "embed images with a trained run"),
+    "search": ("hnm.search", "search_command", "search a saved index of embeddings"),
+    "export": ("hnm.export", "export_command", "export a trained embedder (jax.export)"),
 }
 
 EXAMPLES = """\
@@ -196,16 +196,6 @@ def _print_devices(command: str) -> None:
           f" process {jax.process_index() + 1} of {jax.process_count()}", file=sys.stderr)
 
 
-def format_table(results: dict) -> str:
-    """A Markdown table of the headline evaluation numbers."""
-    keys = [k for k in results if k.startswith("recall@")] + [
-        k for k in ("map@r", "r_precision", "nmi") if k in results]
-    head = "| " + " | ".join(keys) + " |"
-    rule = "|" + "|".join("---" for _ in keys) + "|"
-    row = "| " + " | ".join(f"{100 * results[k]:.2f}" for k in keys) + " |"
-    return "\n".join([head, rule, row])
-
-
 def _resolve(spec: str, overrides) -> "object":
     from hnm import config as config_lib
 
@@ -234,6 +224,11 @@ def _run_config(workdir: str, overrides):
     return config_lib.resolve(config_lib.from_json_dict(saved), overrides)
 
 
+def jax_process_index() -> int:
+    import jax
+    return jax.process_index()
+
+
 def _report(results: dict, workdir: str) -> int:
     import jax
 
@@ -244,7 +239,8 @@ def _report(results: dict, workdir: str) -> int:
               "same command to resume")
         return 130 if sig == "SIGINT" else 0
     if jax.process_index() == 0:
-        print(format_table(results))
+        from hnm import inference
+        print(inference.results_table(results))  # with baseline rows; eval.json's units
         print(f"(written to {os.path.join(workdir, 'eval.json')})")
     return 0
 
@@ -313,6 +309,11 @@ def eval_main(argv: Sequence[str]) -> int:
     _print_devices("eval")
     results = train.evaluate_checkpoint(cfg, args.workdir,
                                         progress=False if args.no_progress else None)
+    if jax_process_index() == 0:
+        from hnm import inference  # embedding map, worst queries, per-class R@1
+
+        for path in inference.eval_pictures(args.workdir):
+            print(f"wrote {path}", file=sys.stderr)
     return _report(results, args.workdir)
 
 

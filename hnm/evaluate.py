@@ -132,7 +132,7 @@ def evaluate(state, eval_sets: Mapping[str, Any], eval_cfg: Mapping[str, Any],
         q, ql = emb["test"]
         out = metrics.retrieval_metrics(q, ql, ks=ks, devices=devices)
     if eval_cfg.get("nmi", True):
-        out["nmi"] = float(metrics.nmi(q, ql, jax.random.key(0)))
+        out.update(metrics.clustering_metrics(q, ql, jax.random.key(0)))  # nmi, ami
     # Blocked anchors: O(DIAG_BLOCK N) memory, not an N x N matrix (SOP's test set is 60k).
     diag = analysis.collapse_diagnostics(q, jnp.asarray(ql), block_size=DIAG_BLOCK)
     out.update({f"diag/{k}": float(v) for k, v in diag.items()})

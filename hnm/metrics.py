@@ -1,12 +1,14 @@
-r"""Retrieval metrics (Recall@K, MAP@R, R-precision) and clustering NMI, computed exactly.
+r"""Retrieval metrics (Recall@K, MAP@R, R-precision, P@K, MAP@K, MRR) and clustering NMI/AMI,
+computed exactly.
 
 Zero-shot retrieval evaluation in deep metric learning ranks a gallery by similarity to each
 query. The datasets are large (SOP's test set has 60,502 images), so :func:`retrieval_metrics`
 never forms the ``[Nq, Ng]`` similarity matrix: it takes blocks of queries, computes their
 similarities to blocks of the gallery with one matmul, keeps a running ``jax.lax.top_k`` that
 is merged across gallery blocks, and reduces each query's top-``k`` list to its metrics on
-device. The block function is jitted once: the last query block and gallery block are padded
-to the block size and the padding is masked out.
+device (the search itself is :func:`hnm.search.block_top_k`, public as
+:func:`hnm.search.knn`). The block function is jitted once: the last query block and gallery
+block are padded to the block size and the padding is masked out.
 
 Two protocols:
 
@@ -37,17 +39,14 @@ import jax.numpy as jnp
 import numpy as np
 from jax.typing import ArrayLike
 
-from hnm import _checks
-from hnm.distances import SIMILARITIES, l2_normalize
+from hnm import _checks, search
+from hnm.distances import l2_normalize
 
 DEFAULT_RECALL_KS = (1, 2, 4, 8)
-# Similarities the blocked search knows. "euclidean" and "squared_euclidean" both rank by
-# -||q - g||^2, which orders the gallery exactly as -||q - g|| does.
-RETRIEVAL_SIMILARITIES = tuple(SIMILARITIES)  # the one registry, hnm.distances
-# Default block shape: 1024 queries x ~8192 gallery rows (32 MiB of float32 similarities)
-# measured fastest on a 2-core CPU for D = 512 (matmul-bound; faiss uses similar blocks).
-DEFAULT_QUERY_BLOCK = 1024
-DEFAULT_GALLERY_BLOCK = 8192
+# The blocked search lives in hnm.search; these names stay importable from here.
+RETRIEVAL_SIMILARITIES = search.SIMILARITIES
+DEFAULT_QUERY_BLOCK = search.DEFAULT_QUERY_BLOCK
+DEFAULT_GALLERY_BLOCK = search.DEFAULT_GALLERY_BLOCK
 # k-means assigns points to centres in row blocks of at most this many distances.
 KMEANS_BLOCK_ELEMENTS = 1 << 24
 DEFAULT_KMEANS_ITERS = 100
@@ -68,38 +67,7 @@ def _check_ks(ks: Sequence[int]) -> tuple[int, ...]:
     return tuple(int(k) for k in ks)
 
 
-def _check_mask(mask: ArrayLike | None, n: int, name: str, length_of: str) -> np.ndarray:
-    if mask is None:
-        return np.ones(n, bool)
-    mask = np.asarray(mask)
-    if mask.ndim != 1:
-        raise ValueError(f"`{name}` must be a 1-D boolean array [N]; got shape {mask.shape}.")
-    if not (mask.dtype == np.bool_ or np.issubdtype(mask.dtype, np.integer)):
-        raise TypeError(f"`{name}` must be boolean (or 0/1 integers); got dtype {mask.dtype}.")
-    if mask.shape[0] != n:
-        raise ValueError(f"`{name}` has {mask.shape[0]} rows but `{length_of}` has {n}; "
-                         "they must match.")
-    return mask.astype(bool)
-
-
-def _check_block_size(block_size: int | tuple[int, int] | None) -> tuple[int | None, ...]:
-    if block_size is None:
-        return None, None
-    sizes = (block_size, block_size) if not isinstance(block_size, (tuple, list)) else block_size
-    if len(sizes) != 2 or not all(isinstance(b, (int, np.integer)) and not isinstance(b, bool)
-                                  and b >= 1 for b in sizes):
-        raise ValueError("`block_size` must be a positive int or a pair (query_block, "
-                         f"gallery_block) of positive ints; got {block_size!r}.")
-    return int(sizes[0]), int(sizes[1])
-
-
-def _balanced_block(n: int, target: int) -> int:
-    """The smallest block (a multiple of 8, at most ``n``) covering ``n`` rows in
-    ``ceil(n / target)`` blocks: the padding of the last block stays small."""
-    block = math.ceil(n / math.ceil(n / target))
-    return min(n, 8 * math.ceil(block / 8))
-
-
+_check_mask = search.check_mask
 def _labels_to_host(labels: ArrayLike, name: str, n: int, length_of: str) -> np.ndarray:
     labels = jnp.asarray(labels) if not hasattr(labels, "ndim") else labels
     _checks.check_labels(labels, name, n, length_of)
@@ -110,17 +78,6 @@ def _labels_to_host(labels: ArrayLike, name: str, n: int, length_of: str) -> np.
 # Device side: preparation and the jitted block function.
 # --------------------------------------------------------------------------------------------
 
-@functools.partial(jax.jit, static_argnames=("rows", "kind"))
-def _prepare(x: jax.Array, valid: jax.Array, *, rows: int, kind: str):
-    """Normalises (cosine) and zero-pads ``x`` to ``rows`` rows; also says if valid rows are
-    finite (one device pass, one extra copy of the embeddings)."""
-    finite = jnp.all(jnp.isfinite(x) | ~valid[:, None])
-    x = x.astype(jnp.float32)
-    if kind == "cosine":
-        x = l2_normalize(x)
-    return jnp.pad(x, ((0, rows - x.shape[0]), (0, 0))), finite
-
-
 def _pad1(x: np.ndarray, rows: int, value) -> np.ndarray:
     return np.pad(x, (0, rows - x.shape[0]), constant_values=value)
 
@@ -130,49 +87,20 @@ def _pad1(x: np.ndarray, rows: int, value) -> np.ndarray:
 def _query_block_metrics(query, query_labels, num_relevant, gallery, gallery_labels,
                          gallery_valid, query_start, *, query_block, gallery_block,
                          num_gallery_blocks, k, ks, kind, exclude_self):
-    """Per-query hits@K [B, len(ks)], R-precision [B] and AP@R [B] of one query block.
+    """Per-query metrics of one query block: hits@K and precision@K and AP@K [B, len(ks)],
+    R-precision, AP@R and the reciprocal rank within max(ks) [B].
 
-    ``query``/``gallery`` are padded so every ``dynamic_slice`` below is in bounds (a clamped
-    start would silently shift the indices).
+    The top-k list comes from :func:`hnm.search.block_top_k` (the search ``knn`` runs);
+    only the reduction to metrics is here, on the device.
     """
     q = jax.lax.dynamic_slice_in_dim(query, query_start, query_block)
     q_labels = jax.lax.dynamic_slice_in_dim(query_labels, query_start, query_block)
     r = jax.lax.dynamic_slice_in_dim(num_relevant, query_start, query_block)
     q_idx = query_start + jnp.arange(query_block, dtype=jnp.int32)
-    q_sq = jnp.sum(q * q, axis=1)
-
-    def block_top_k(g_start, kb):
-        g = jax.lax.dynamic_slice_in_dim(gallery, g_start, gallery_block)
-        g_valid = jax.lax.dynamic_slice_in_dim(gallery_valid, g_start, gallery_block)
-        # HIGHEST: exact float32 products on accelerators too (TF32 would reorder neighbours).
-        sim = jnp.matmul(q, g.T, precision=jax.lax.Precision.HIGHEST)
-        if kind in ("euclidean", "squared_euclidean"):
-            sim = -jnp.maximum(q_sq[:, None] + jnp.sum(g * g, axis=1)[None, :] - 2.0 * sim, 0.0)
-        keep = jnp.broadcast_to(g_valid[None, :], sim.shape)
-        if exclude_self:
-            g_idx = g_start + jnp.arange(gallery_block, dtype=jnp.int32)
-            keep = keep & (q_idx[:, None] != g_idx[None, :])
-        values, idx = jax.lax.top_k(jnp.where(keep, sim, -jnp.inf), kb)
-        return values, idx + g_start
-
-    if num_gallery_blocks == 1:
-        _, top_idx = block_top_k(0, k)
-    else:
-        kb = min(k, gallery_block)
-
-        def merge(carry, b):
-            run_values, run_idx = carry
-            values, idx = block_top_k(b * gallery_block, kb)
-            # Running entries come from earlier (lower-index) blocks and go first, so the
-            # stable top_k keeps the lower index on ties, as one global top_k would.
-            values, pick = jax.lax.top_k(jnp.concatenate([run_values, values], axis=1), k)
-            idx = jnp.take_along_axis(jnp.concatenate([run_idx, idx], axis=1), pick, axis=1)
-            return (values, idx), None
-
-        init = (jnp.full((query_block, k), -jnp.inf, jnp.float32),
-                jnp.full((query_block, k), -1, jnp.int32))
-        (_, top_idx), _ = jax.lax.scan(
-            merge, init, jnp.arange(num_gallery_blocks, dtype=jnp.int32))
+    _, top_idx = search.block_top_k(q, q_idx, gallery, gallery_valid,
+                                    gallery_block=gallery_block,
+                                    num_gallery_blocks=num_gallery_blocks, k=k, kind=kind,
+                                    exclude_self=exclude_self)
 
     # Relevance by index, never by value: a masked/self/placeholder entry can still fill a
     # top-k slot when a query has fewer than k candidates, and must not count.
@@ -190,17 +118,23 @@ def _query_block_metrics(query, query_labels, num_relevant, gallery, gallery_lab
     r_precision = rel_r.sum(axis=1) / r_safe
     precision_at_i = jnp.cumsum(rel, axis=1) / rank[None, :]
     average_precision = jnp.where(rel_r, precision_at_i, 0.0).sum(axis=1) / r_safe
-    return hits, r_precision, average_precision
+    rel_p = jnp.where(rel, precision_at_i, 0.0)
+    precision_k = jnp.stack([rel[:, :min(kk, k)].sum(axis=1) / kk for kk in ks], axis=1)
+    ap_k = jnp.stack([rel_p[:, :min(kk, k)].sum(axis=1)
+                      / jnp.maximum(jnp.minimum(r, kk), 1) for kk in ks], axis=1)
+    depth = min(max(ks), k)
+    first = jnp.argmax(rel[:, :depth], axis=1)
+    reciprocal_rank = jnp.where(rel[:, :depth].any(axis=1), 1.0 / (first + 1.0), 0.0)
+    return hits, r_precision, average_precision, precision_k, ap_k, reciprocal_rank
 
 
 def _search(query, query_labels, gallery, gallery_labels, ks, *, similarity, block_size,
             query_mask, gallery_mask, with_r, devices=None):
-    """Checks arguments, runs the blocked search; per-query hits, R, r_precision, AP@R."""
+    """Checks arguments, runs the blocked search; per-query hits, R and the metric arrays of
+    :func:`_query_block_metrics`."""
     ks = _check_ks(ks)
-    if similarity not in RETRIEVAL_SIMILARITIES:
-        raise ValueError(f"unknown `similarity`={similarity!r}; expected one of "
-                         f"{RETRIEVAL_SIMILARITIES}.")
-    bq, bg = _check_block_size(block_size)
+    search.check_similarity(similarity)
+    search.check_block_size(block_size)
     query = jnp.asarray(query) if not hasattr(query, "ndim") else query
     _checks.check_floating_matrix(query, "query")
     nq, dim = query.shape
@@ -246,21 +180,14 @@ def _search(query, query_labels, gallery, gallery_labels, ks, *, similarity, blo
         k = max(k, int(num_relevant.max()))
     k = min(k, ng)  # R never exceeds the number of candidates, so this cuts no R short
 
-    bq = _balanced_block(nq, DEFAULT_QUERY_BLOCK) if bq is None else min(bq, nq)
-    bg = _balanced_block(ng, DEFAULT_GALLERY_BLOCK) if bg is None else min(bg, ng)
+    bq, bg = search.block_shape(nq, ng, block_size)
     num_q_blocks, num_g_blocks = math.ceil(nq / bq), math.ceil(ng / bg)
     q_rows, g_rows = num_q_blocks * bq, num_g_blocks * bg
     if leave_one_out:  # one padded copy serves as both query and gallery
         q_rows = g_rows = max(q_rows, g_rows)
-    q_emb, finite = _prepare(query, jnp.asarray(q_valid), rows=q_rows, kind=similarity)
-    if not bool(finite):
-        raise ValueError("`query` has non-finite values (NaN or inf) in valid rows.")
-    if leave_one_out:
-        g_emb = q_emb
-    else:
-        g_emb, finite = _prepare(gallery, jnp.asarray(g_valid), rows=g_rows, kind=similarity)
-        if not bool(finite):
-            raise ValueError("`gallery` has non-finite values (NaN or inf) in valid rows.")
+    q_emb = search.prepare_checked(query, q_valid, q_rows, similarity, "query")
+    g_emb = q_emb if leave_one_out else search.prepare_checked(gallery, g_valid, g_rows,
+                                                                similarity, "gallery")
 
     dev = dict(
         query_labels=jnp.asarray(_pad1(q_labels, q_rows, -1), jnp.int32),
@@ -271,19 +198,14 @@ def _search(query, query_labels, gallery, gallery_labels, ks, *, similarity, blo
         _query_block_metrics, query_block=bq, gallery_block=bg,
         num_gallery_blocks=num_g_blocks, k=k, ks=ks, kind=similarity,
         exclude_self=leave_one_out)
-    # Query blocks are dealt round-robin to the devices: each device holds one copy of the
-    # (padded) embeddings and labels, and JAX's asynchronous dispatch runs the blocks of
-    # different devices concurrently. One device (or none given and one present) is the
-    # plain sequential loop.
+    # Query blocks are dealt round-robin to the devices (hnm.search.run_blocks): each device
+    # holds one copy of the (padded) embeddings and labels. None: the default device only.
     args = (q_emb, dev["query_labels"], dev["num_relevant"], g_emb, dev["gallery_labels"],
             dev["gallery_valid"])
-    devices = list(devices) if devices is not None else [None]
-    placed = [args if d is None else jax.device_put(args, d) for d in devices]
-    outs = [block_fn(*placed[i % len(devices)], jnp.int32(i * bq))
-            for i in range(num_q_blocks)]
-    hits, r_precision, average_precision = (
-        np.concatenate([np.asarray(o[j]) for o in outs])[:nq] for j in range(3))
-    return ks, q_valid, num_relevant, hits, r_precision, average_precision
+    outs = search.run_blocks(block_fn, args, num_q_blocks, bq, devices)
+    per_query = tuple(np.concatenate([np.asarray(o[j]) for o in outs])[:nq]
+                      for j in range(len(outs[0])))
+    return (ks, q_valid, num_relevant) + per_query
 
 
 def _recalls(ks, q_valid, num_relevant, hits, count_lone_queries):
@@ -319,7 +241,17 @@ def retrieval_metrics(query: ArrayLike, query_labels: ArrayLike,
             \frac{1}{R_q}\sum_{i \le R_q} \mathrm{rel}_q(i),
 
         \mathrm{MAP@R} = \frac{1}{|Q|}\sum_{q \in Q}\frac{1}{R_q}\sum_{i \le R_q}
-            P_q(i)\,\mathrm{rel}_q(i),\qquad P_q(i) = \frac{1}{i}\sum_{j \le i}\mathrm{rel}_q(j).
+            P_q(i)\,\mathrm{rel}_q(i),\qquad P_q(i) = \frac{1}{i}\sum_{j \le i}\mathrm{rel}_q(j),
+
+        \mathrm{P@K} = \frac{1}{|Q|}\sum_{q} P_q(K),\qquad
+        \mathrm{MAP@K} = \frac{1}{|Q|}\sum_{q}\frac{1}{\min(K, R_q)}\sum_{i \le K}
+            P_q(i)\,\mathrm{rel}_q(i),\qquad
+        \mathrm{MRR} = \frac{1}{|Q|}\sum_{q}\frac{1}{\mathrm{rank}_q},
+
+    with :math:`\mathrm{rank}_q` the rank of q's first relevant candidate, counted as
+    :math:`\infty` (a 0 term) beyond rank max(ks): the MRR is cut at the deepest K asked for
+    (MRR@1000 with SOP's ks), so it costs no deeper search than Recall@K. P@K divides by K
+    even where fewer than K candidates exist.
 
     Lone queries (R = 0: no same-class candidate at all) follow pytorch-metric-learning's
     ``AccuracyCalculator``: they are left out of Q for every metric, Recall@K included. The
@@ -353,7 +285,8 @@ def retrieval_metrics(query: ArrayLike, query_labels: ArrayLike,
         default device only. Results do not depend on it.
 
     Returns:
-      ``{"recall@K": float for each K, "map@r": float, "r_precision": float}``.
+      ``{"recall@K": ... for each K, "map@r", "r_precision", "precision@K" and "map@K" for
+      each K, "mrr"}``, Python floats.
 
     Raises:
       ValueError: wrong shapes, mismatched lengths, unknown ``similarity``, bad ``ks`` or
@@ -365,21 +298,31 @@ def retrieval_metrics(query: ArrayLike, query_labels: ArrayLike,
       >>> x = jnp.array([[0.0], [1.0], [3.0], [4.0]])   # points on a line
       >>> labels = jnp.array([0, 0, 1, 0])
       >>> m = retrieval_metrics(x, labels, ks=(1, 2), similarity="euclidean")
-      >>> {name: round(value, 4) for name, value in m.items()}
-      {'recall@1': 0.6667, 'recall@2': 1.0, 'map@r': 0.4167, 'r_precision': 0.5}
+      >>> {name: round(value, 4) for name, value in m.items()}  # doctest: +NORMALIZE_WHITESPACE
+      {'recall@1': 0.6667, 'recall@2': 1.0, 'map@r': 0.4167, 'r_precision': 0.5,
+       'precision@1': 0.6667, 'precision@2': 0.5, 'map@1': 0.6667, 'map@2': 0.4167,
+       'mrr': 0.8333}
 
     References:
       Musgrave, Belongie, Lim, "A Metric Learning Reality Check", ECCV 2020, §3.2.
     """
-    ks, q_valid, num_relevant, hits, r_prec, ap = _search(
+    ks, q_valid, num_relevant, hits, r_prec, ap, prec_k, ap_k, rr = _search(
         query, query_labels, gallery, gallery_labels, ks, similarity=similarity,
         block_size=block_size, query_mask=query_mask, gallery_mask=gallery_mask, with_r=True,
         devices=devices)
     out = _recalls(ks, q_valid, num_relevant, hits, count_lone_queries)
     counted = q_valid & (num_relevant > 0)
-    n = counted.sum()
-    out["map@r"] = float(ap[counted].astype(np.float64).mean()) if n else 0.0
-    out["r_precision"] = float(r_prec[counted].astype(np.float64).mean()) if n else 0.0
+
+    def mean(x):
+        return float(x[counted].astype(np.float64).mean()) if counted.any() else 0.0
+
+    out["map@r"] = mean(ap)
+    out["r_precision"] = mean(r_prec)
+    for i, kk in enumerate(ks):
+        out[f"precision@{kk}"] = mean(prec_k[:, i])
+    for i, kk in enumerate(ks):
+        out[f"map@{kk}"] = mean(ap_k[:, i])
+    out["mrr"] = mean(rr)
     return out
 
 
@@ -400,7 +343,7 @@ def recall_at_k(query: ArrayLike, query_labels: ArrayLike, gallery: ArrayLike | 
       {1: 0.6666666666666666, 2: 1.0}
     """
     count_lone_queries = kwargs.pop("count_lone_queries", False)
-    ks, q_valid, num_relevant, hits, _, _ = _search(
+    ks, q_valid, num_relevant, hits, *_ = _search(
         query, query_labels, gallery, gallery_labels, ks, with_r=False,
         **{"similarity": "cosine", "block_size": None, "query_mask": None,
            "gallery_mask": None, **kwargs})
@@ -554,6 +497,96 @@ def normalized_mutual_info(labels_true: ArrayLike, labels_pred: ArrayLike) -> fl
     return float(mi / max(0.5 * (h_u + h_v), np.finfo(np.float64).eps))
 
 
+def _contingency(labels_true, labels_pred):
+    u, v = np.asarray(labels_true), np.asarray(labels_pred)
+    for a, name in ((u, "labels_true"), (v, "labels_pred")):
+        if a.ndim != 1 or not np.issubdtype(a.dtype, np.integer):
+            raise ValueError(f"`{name}` must be a 1-D integer array; got shape {a.shape} and "
+                             f"dtype {a.dtype}.")
+    if u.shape != v.shape:
+        raise ValueError(f"`labels_true` and `labels_pred` must have the same length; got "
+                         f"{u.shape[0]} and {v.shape[0]}.")
+    _, ui = np.unique(u, return_inverse=True)
+    _, vi = np.unique(v, return_inverse=True)
+    joint = np.zeros((ui.max(initial=-1) + 1, vi.max(initial=-1) + 1))
+    np.add.at(joint, (ui, vi), 1.0)
+    return joint
+
+
+def _expected_mutual_info(a: np.ndarray, b: np.ndarray, n: int) -> float:
+    r"""E[I(U; V)] under the permutation model (hypergeometric cell counts; Vinh et al.)."""
+    from scipy.special import gammaln  # lazy: scipy only for AMI
+
+    # Group equal marginals: the sum depends on (a_i, b_j) only.
+    a_vals, a_cnt = np.unique(a.astype(np.int64), return_counts=True)
+    b_vals, b_cnt = np.unique(b.astype(np.int64), return_counts=True)
+    lg = gammaln(np.arange(n + 2, dtype=np.float64))  # lg[m] = log((m - 1)!)
+    total = 0.0
+    for ai, ca in zip(a_vals, a_cnt):
+        for bj, cb in zip(b_vals, b_cnt):
+            nij = np.arange(max(1, ai + bj - n), min(ai, bj) + 1, dtype=np.int64)
+            if nij.size == 0:
+                continue
+            log_p = (lg[ai + 1] + lg[bj + 1] + lg[n - ai + 1] + lg[n - bj + 1] - lg[n + 1]
+                     - lg[nij + 1] - lg[ai - nij + 1] - lg[bj - nij + 1]
+                     - lg[n - ai - bj + nij + 1])
+            term = nij / n * np.log(n * nij / (float(ai) * float(bj)))
+            total += ca * cb * float(np.sum(term * np.exp(log_p)))
+    return total
+
+
+def adjusted_mutual_info(labels_true: ArrayLike, labels_pred: ArrayLike) -> float:
+    r"""Adjusted mutual information (arithmetic normalisation, scikit-learn's default).
+
+    .. math:: \mathrm{AMI}(U, V) = \frac{I(U; V) - \mathbb{E}[I(U; V)]}
+        {\tfrac12\,(H(U) + H(V)) - \mathbb{E}[I(U; V)]}
+
+    The expectation is over random labelings with the same cluster sizes (hypergeometric
+    cell counts), so AMI is ~0 for a chance clustering whatever the number of clusters, which
+    NMI is not (NMI rises with k). Identical single-cluster (or all-singleton) labelings give
+    1.0, as in scikit-learn.
+
+    Args:
+      labels_true: [N] integer class labels.
+      labels_pred: [N] integer cluster ids.
+
+    Returns:
+      AMI (at most 1; may be slightly negative) as a Python float.
+
+    Examples:
+      >>> adjusted_mutual_info(np.array([0, 0, 1, 1]), np.array([5, 5, 2, 2]))
+      1.0
+
+    References:
+      Vinh, Epps, Bailey, "Information Theoretic Measures for Clusterings Comparison",
+      JMLR 11, 2010.
+    """
+    joint = _contingency(labels_true, labels_pred)
+    n = int(joint.sum())
+    r, c = joint.shape
+    if r == c == 1 or r == c == 0 or (r == c == n):
+        return 1.0
+    p = joint / n
+    pu, pv = p.sum(axis=1), p.sum(axis=0)
+    nz = p > 0
+    mi = max(0.0, float(np.sum(p[nz] * np.log(p[nz] / np.outer(pu, pv)[nz]))))
+    h_u, h_v = -np.sum(pu * np.log(pu)), -np.sum(pv * np.log(pv))
+    emi = _expected_mutual_info(joint.sum(axis=1), joint.sum(axis=0), n)
+    denominator = 0.5 * (h_u + h_v) - emi
+    eps = np.finfo(np.float64).eps
+    denominator = min(denominator, -eps) if denominator < 0 else max(denominator, eps)
+    return float((mi - emi) / denominator)
+
+
+def clustering_metrics(embeddings: ArrayLike, labels: ArrayLike, key: jax.Array | None = None,
+                       **kwargs) -> dict[str, float]:
+    """``{"nmi", "ami"}`` of one k-means clustering of ``embeddings`` (see :func:`nmi`, whose
+    keyword arguments it takes) against ``labels``."""
+    assign, labels, valid = _cluster(embeddings, labels, key, **kwargs)
+    return {"nmi": normalized_mutual_info(labels[valid], assign[valid]),
+            "ami": adjusted_mutual_info(labels[valid], assign[valid])}
+
+
 def nmi(embeddings: ArrayLike, labels: ArrayLike, key: jax.Array | None = None, *,
         num_clusters: int | None = None, num_iters: int = DEFAULT_KMEANS_ITERS,
         normalize: bool = True, mask: ArrayLike | None = None) -> float:
@@ -585,6 +618,14 @@ def nmi(embeddings: ArrayLike, labels: ArrayLike, key: jax.Array | None = None, 
       (NMI as used for metric learning by Song et al., "Deep Metric Learning via Lifted
       Structured Feature Embedding", CVPR 2016).
     """
+    assign, labels, valid = _cluster(embeddings, labels, key, num_clusters=num_clusters,
+                                     num_iters=num_iters, normalize=normalize, mask=mask)
+    return normalized_mutual_info(labels[valid], assign[valid])
+
+
+def _cluster(embeddings, labels, key=None, *, num_clusters=None,
+             num_iters=DEFAULT_KMEANS_ITERS, normalize=True, mask=None):
+    """k-means assignment [N] (host), host labels [N] and the valid mask [N]."""
     embeddings = jnp.asarray(embeddings) if not hasattr(embeddings, "ndim") else embeddings
     _checks.check_floating_matrix(embeddings, "embeddings")
     labels = _labels_to_host(labels, "labels", embeddings.shape[0], "embeddings")
@@ -596,4 +637,4 @@ def nmi(embeddings: ArrayLike, labels: ArrayLike, key: jax.Array | None = None, 
     key = jax.random.key(0) if key is None else key
     x = l2_normalize(embeddings) if normalize else embeddings
     _, assign = kmeans(key, x, num_clusters, num_iters=num_iters, mask=valid)
-    return normalized_mutual_info(labels[valid], np.asarray(assign)[valid])
+    return np.asarray(assign), labels, valid

@@ -464,3 +464,198 @@ def plot_phase_diagram(table: Sequence[Mapping[str, Any]], path: str | os.PathLi
     fig.tight_layout()
     fig.savefig(path, dpi=dpi)
     return fig
+
+
+# --------------------------------------------------------------------------------------------
+# Pictures of a trained embedding (hnm.inference): maps, worst queries, per-class recall,
+# training curves with baselines.
+# --------------------------------------------------------------------------------------------
+
+WRONG_COLOUR = "#d62728"   # frame of a retrieved image of another class
+RIGHT_COLOUR = "#2ca02c"   # frame of a retrieved image of the query's class
+QUERY_COLOUR = "#1f77b4"
+BASELINE_STYLES = {"untrained": ("#7f7f7f", ":"), "raw_pixels": ("#ff7f0e", "--")}
+
+
+def class_colours(labels: Any) -> tuple[np.ndarray, np.ndarray]:
+    """``(classes, rgba [num_classes, 4])``: one colour per class (tab20, then hsv cycles)."""
+    from matplotlib import colormaps  # pylint: disable=import-outside-toplevel
+    classes = np.unique(np.asarray(labels))
+    n = len(classes)
+    cmap = colormaps["tab10" if n <= 10 else "tab20" if n <= 20 else "hsv"]
+    positions = np.arange(n) if n <= 20 else np.linspace(0.0, 1.0, n, endpoint=False)
+    return classes, cmap(positions)
+
+
+def plot_embedding_map(embeddings: Any, labels: Any, path: str | os.PathLike, *,
+                       tsne_max_points: int = 2000, seed: int = 0, dpi: int = 100,
+                       title: str | None = None):
+    """Two panels: PCA and t-SNE (scikit-learn) of ``embeddings``, points coloured by class.
+
+    Rows are L2-normalised first (the cosine geometry of the retrieval metrics). t-SNE runs on
+    a seeded random subset of at most ``tsne_max_points`` rows (it is quadratic-ish); PCA on
+    all rows. Each panel holds one scatter per class (``label`` = the class id), so the class
+    colours can be read back from the figure.
+    """
+    from sklearn.decomposition import PCA  # pylint: disable=import-outside-toplevel
+    from sklearn.manifold import TSNE  # pylint: disable=import-outside-toplevel
+
+    x = np.asarray(embeddings, np.float64)
+    labels = np.asarray(labels)
+    if x.ndim != 2 or len(x) != len(labels) or len(x) < 3:
+        raise ValueError(f"`embeddings` must be [N >= 3, D] with one label per row; got "
+                         f"{x.shape} and {labels.shape} labels.")
+    path = _check_path(path)
+    x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+    classes, colours = class_colours(labels)
+    rng = np.random.default_rng(seed)
+    sub = np.sort(rng.permutation(len(x))[:tsne_max_points])
+    maps = [("PCA", np.arange(len(x)), PCA(n_components=2, random_state=seed).fit_transform(x))]
+    perplexity = float(min(30.0, max(2.0, (len(sub) - 1) / 3.0)))
+    maps.append((f"t-SNE ({len(sub)} points)", sub,
+                 TSNE(n_components=2, perplexity=perplexity, init="pca",
+                      random_state=seed).fit_transform(x[sub])))
+    fig, axes = _figure(2, 1, 5.0, 4.6, 0.6)
+    for ax, (name, rows, xy) in zip(axes[0], maps):
+        ax.set_gid(PANEL_GID)
+        ax.set_title(name)
+        for c, colour in zip(classes, colours):
+            pick = labels[rows] == c
+            ax.scatter(xy[pick, 0], xy[pick, 1], s=6, color=colour, label=str(c),
+                       linewidths=0)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    if len(classes) <= 20:
+        axes[0][1].legend(loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=7,
+                          markerscale=2, frameon=False, title="class")
+    fig.suptitle(title or f"Evaluation embeddings: {len(x)} points, {len(classes)} classes")
+    fig.tight_layout()
+    fig.savefig(path, dpi=dpi)
+    return fig
+
+
+def worst_query_order(labels: Any, neighbours: Any, scores: Any | None = None) -> np.ndarray:
+    """Queries ordered worst first: fewest same-class entries in their top-k, then (ties) the
+    highest-scoring wrong first neighbour, i.e. the most confidently wrong."""
+    labels, neighbours = np.asarray(labels), np.asarray(neighbours)
+    correct = (labels[np.maximum(neighbours, 0)] == labels[:, None]) & (neighbours >= 0)
+    hits = correct.sum(axis=1)
+    top = np.zeros(len(labels)) if scores is None else np.asarray(scores, np.float64)[:, 0]
+    return np.lexsort((-top, hits))
+
+
+def plot_worst_queries(images: Any, labels: Any, neighbours: Any, scores: Any | None,
+                       path: str | os.PathLike, *, num_queries: int = 8, dpi: int = 100):
+    """A grid: one row per worst query (:func:`worst_query_order`), the query image then its
+    top-k retrieved images; retrieved images of another class are framed in red, those of
+    the query's class in green, the query in blue.
+
+    Args:
+      images: uint8 [N, H, W] or [N, H, W, C] (C in 1, 3), the images the model saw.
+      labels: [N] class labels.
+      neighbours: [N, k] gallery indices of each query's top-k (as :func:`hnm.search.knn`).
+      scores: [N, k] similarities or None.
+      path: output ``.png``.
+      num_queries: rows (at most N).
+
+    Returns:
+      The ``Figure``; its axes carry ``gid`` ``"query"``, ``"right"`` or ``"wrong"``.
+    """
+    images = np.asarray(images)
+    if images.ndim == 4 and images.shape[-1] == 1:
+        images = images[..., 0]
+    labels, neighbours = np.asarray(labels), np.asarray(neighbours)
+    if neighbours.ndim != 2 or len(neighbours) != len(labels) or len(images) != len(labels):
+        raise ValueError(f"`images`, `labels` and `neighbours` [N, k] must have one row per "
+                         f"query; got {images.shape}, {labels.shape}, {neighbours.shape}.")
+    path = _check_path(path)
+    order = worst_query_order(labels, neighbours, scores)[:num_queries]
+    k = neighbours.shape[1]
+    fig, axes = _figure(k + 1, len(order), 1.25, 1.35, 0.5)
+    cmap = "gray" if images.ndim == 3 else None
+    for row, q in zip(axes, order):
+        entries = [(q, "query", f"query {q}\nclass {labels[q]}")]
+        for j, g in enumerate(neighbours[q]):
+            if g < 0:
+                entries.append((None, "wrong", "(none)"))
+                continue
+            kind = "right" if labels[g] == labels[q] else "wrong"
+            score = "" if scores is None else f" {float(np.asarray(scores)[q, j]):.2f}"
+            entries.append((g, kind, f"#{j + 1} class {labels[g]}{score}"))
+        for ax, (idx, kind, text) in zip(row, entries):
+            ax.set_gid(kind)
+            if idx is not None:
+                ax.imshow(images[idx], cmap=cmap, vmin=0, vmax=255, interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            colour = {"query": QUERY_COLOUR, "right": RIGHT_COLOUR, "wrong": WRONG_COLOUR}[kind]
+            for spine in ax.spines.values():
+                spine.set_edgecolor(colour)
+                spine.set_linewidth(3.0 if kind != "right" else 1.5)
+            ax.set_title(text, fontsize=6, color=colour if kind == "wrong" else "black")
+    fig.suptitle(f"The {len(order)} worst queries and their top-{k} (red: another class)",
+                 fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=dpi)
+    return fig
+
+
+def per_class_recall(labels: Any, hit: Any) -> tuple[np.ndarray, np.ndarray]:
+    """``(classes, Recall@1 per class)``: the mean of ``hit`` [N] bool over each class."""
+    labels, hit = np.asarray(labels), np.asarray(hit, np.float64)
+    classes, inverse = np.unique(labels, return_inverse=True)
+    sums = np.bincount(inverse, weights=hit, minlength=len(classes))
+    return classes, sums / np.bincount(inverse, minlength=len(classes))
+
+
+def plot_per_class_recall(labels: Any, hit: Any, path: str | os.PathLike, *, bins: int = 20,
+                          dpi: int = 100):
+    """Histogram of per-class Recall@1 (``hit[i]``: query i's first neighbour shares its
+    class) over [0, 1], with the overall (per-query) and per-class means marked."""
+    classes, recall = per_class_recall(labels, hit)
+    path = _check_path(path)
+    fig, axes = _figure(1, 1, 5.5, 3.6, 0.0)
+    ax = axes[0][0]
+    ax.set_gid(PANEL_GID)
+    ax.hist(recall, bins=np.linspace(0.0, 1.0, bins + 1), color=QUERY_COLOUR, alpha=0.85,
+            edgecolor="white")
+    overall = float(np.mean(np.asarray(hit, np.float64)))
+    ax.axvline(overall, color="black", ls="--", label=f"R@1 over queries {overall:.3f}")
+    ax.axvline(float(recall.mean()), color=WRONG_COLOUR, ls=":",
+               label=f"mean over classes {recall.mean():.3f}")
+    ax.set_xlim(0.0, 1.0)
+    ax.set_xlabel("Recall@1 of the class")
+    ax.set_ylabel("classes")
+    ax.set_title(f"Per-class Recall@1 ({len(classes)} classes)")
+    ax.legend(fontsize=8, loc="upper left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=dpi)
+    return fig
+
+
+def plot_training_curves_with_baselines(metrics_rows: Sequence[Mapping[str, Any]],
+                                        path: str | os.PathLike, keys: Sequence[str],
+                                        baselines: Mapping[str, Mapping[str, float]] | None
+                                        = None, **kwargs):
+    """:func:`plot_training_curves`, plus each baseline's value of a panel's metric as a
+    horizontal line (``eval/recall@1`` panel: ``baselines[name]["recall@1"]``), and fraction
+    panels (``recall@K``, ``map@...``, ``r_precision``, ``frac_hard``) on a fixed [0, 1]
+    axis, so a one-point change looks like one point."""
+    fig = plot_training_curves(metrics_rows, path, keys=keys, **kwargs)
+    panels = [ax for ax in fig.axes if ax.get_gid() == PANEL_GID]
+    for ax, key in zip(panels, keys):
+        name = key.split("/")[-1]
+        drew = False
+        for base, values in (baselines or {}).items():
+            if _finite_number(values.get(name)):
+                colour, style = BASELINE_STYLES.get(base, ("#9467bd", "-."))
+                ax.axhline(float(values[name]), color=colour, ls=style, lw=1.2,
+                           label=f"{base.replace('_', ' ')} {float(values[name]):.3f}")
+                drew = True
+        if name.startswith(("recall@", "map@", "precision@")) or name in (
+                "r_precision", "frac_hard", "nmi", "ami"):
+            ax.set_ylim(-0.02, 1.02)
+        if drew:
+            ax.legend(fontsize=7, loc="lower right")
+    fig.savefig(_check_path(path), dpi=kwargs.get("dpi", 100))
+    return fig

@@ -616,6 +616,8 @@ def _train_locked(config, workdir, data, layout, bar) -> dict:
         final = evaluate(state, ds.eval_sets(), config.eval, p_embed, layout, bar)
         final["step"] = step
         _append_jsonl(metrics_path, {"step": step, **{f"eval/{k}": v for k, v in final.items()}})
+        from hnm import inference  # baselines of the same split when config.eval.baselines
+        final.update(inference.final_baselines(config, ds.eval_sets()))
         _write_eval_json(workdir, final)
         if is_main:
             write_plots(workdir)
@@ -650,6 +652,8 @@ def evaluate_checkpoint(config, workdir: str, *, progress: bool | None = None) -
     try:
         results = evaluate(state, ds.eval_sets(), config.eval, None, layout, progress)
         results["step"] = int(state.step)
+        from hnm import inference  # baselines of the same split when config.eval.baselines
+        results.update(inference.final_baselines(config, ds.eval_sets()))
         _write_eval_json(workdir, results)
     finally:
         manager.close()
@@ -665,8 +669,10 @@ def write_plots(workdir: str) -> None:
         return
     with open(path) as f:
         rows = [json.loads(line) for line in f if line.strip()]
-    plots.plot_training_curves(rows, os.path.join(workdir, "training_curves.png"),
-                               keys=CURVE_KEYS, title=f"training of {workdir}")
+    from hnm import inference  # the baselines of eval.json as lines, fractions on [0, 1]
+    plots.plot_training_curves_with_baselines(
+        rows, os.path.join(workdir, "training_curves.png"), keys=CURVE_KEYS,
+        baselines=inference.read_baselines(workdir), title=f"training of {workdir}")
 
 
 def _isatty() -> bool:

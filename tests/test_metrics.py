@@ -4,7 +4,7 @@ import doctest
 import jax
 import numpy as np
 from absl.testing import absltest, parameterized
-from sklearn.metrics import normalized_mutual_info_score
+from sklearn.metrics import adjusted_mutual_info_score, normalized_mutual_info_score
 
 from hnm import metrics
 
@@ -39,7 +39,9 @@ def _ref_metrics(q, ql, g=None, gl=None, ks=KS, kind="cosine", qmask=None, gmask
     gmask = np.ones(ng, bool) if gmask is None else np.asarray(gmask)
     sim = _ref_sim(q, g, kind)
     hits = {k: [] for k in ks}
-    rps, aps = [], []
+    rps, aps, rrs = [], [], []
+    prec = {k: [] for k in ks}
+    apk = {k: [] for k in ks}
     for i in range(nq):
         if not qmask[i]:
             continue
@@ -57,9 +59,20 @@ def _ref_metrics(q, ql, g=None, gl=None, ks=KS, kind="cosine", qmask=None, gmask
         rps.append(sum(rel[:r]) / r)
         precision = [sum(rel[:n + 1]) / (n + 1) for n in range(len(rel))]
         aps.append(sum(precision[n] for n in range(r) if rel[n]) / r)
+        for k in ks:  # P@K divides by K; AP@K by min(K, R)
+            prec[k].append(sum(rel[:k]) / k)
+            apk[k].append(sum(precision[n] for n in range(min(k, len(rel))) if rel[n])
+                          / min(k, r))
+        first = rel.index(1) + 1  # r > 0, so some candidate is relevant
+        rrs.append(1.0 / first if first <= max(ks) else 0.0)
     out = {f"recall@{k}": float(np.mean(hits[k])) if hits[k] else 0.0 for k in ks}
     out["map@r"] = float(np.mean(aps)) if aps else 0.0
     out["r_precision"] = float(np.mean(rps)) if rps else 0.0
+    for k in ks:
+        out[f"precision@{k}"] = float(np.mean(prec[k])) if prec[k] else 0.0
+    for k in ks:
+        out[f"map@{k}"] = float(np.mean(apk[k])) if apk[k] else 0.0
+    out["mrr"] = float(np.mean(rrs)) if rrs else 0.0
     return out
 
 
@@ -171,13 +184,15 @@ class RetrievalMetricsTest(parameterized.TestCase):
         # Rows 0 and 1 coincide; row 2 is a lone point of another class, far away.
         emb = np.array([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]], np.float32)
         got = metrics.retrieval_metrics(emb, np.array([0, 0, 1]), ks=(1,))
-        self.assertEqual(got, {"recall@1": 1.0, "map@r": 1.0, "r_precision": 1.0})
+        self.assertEqual(got, {"recall@1": 1.0, "map@r": 1.0, "r_precision": 1.0,
+                               "precision@1": 1.0, "map@1": 1.0, "mrr": 1.0})
         # Twins of different classes: each twin is the other's wrong top-1 (row 0 is lone;
         # row 2 ties rows 0 and 1 at similarity 0 and takes row 0 first).
         got = metrics.retrieval_metrics(emb, np.array([0, 1, 1]), ks=(1, 2),
                                         count_lone_queries=True)
-        self.assertEqual(got, {"recall@1": 0.0, "recall@2": 2 / 3, "map@r": 0.0,
-                               "r_precision": 0.0})
+        self.assertEqual({k: got[k] for k in ("recall@1", "recall@2", "map@r", "r_precision")},
+                         {"recall@1": 0.0, "recall@2": 2 / 3, "map@r": 0.0,
+                          "r_precision": 0.0})
 
     @parameterized.parameters((0, 1.0), (1, 0.0))
     def test_ties_go_to_the_lower_gallery_index(self, same_class_index, recall_at_1):
@@ -201,7 +216,13 @@ class RetrievalMetricsTest(parameterized.TestCase):
         got = metrics.retrieval_metrics(x, labels, ks=(1, 2, 4), similarity="euclidean",
                                         block_size=2)
         want = {"recall@1": 2 / 5, "recall@2": 4 / 5, "recall@4": 1.0,
-                "map@r": (0.5 + 0.5 + 0 + 0.25 + 0) / 5, "r_precision": 1.5 / 5}
+                "map@r": (0.5 + 0.5 + 0 + 0.25 + 0) / 5, "r_precision": 1.5 / 5,
+                # P@K = hits in the first K / K; AP@K / min(K, R); first relevant rank 1,1,4,2,2
+                "precision@1": 2 / 5, "precision@2": (0.5 + 0.5 + 0 + 0.5 + 0.5) / 5,
+                "precision@4": (0.5 + 0.5 + 0.25 + 0.5 + 0.25) / 5,
+                "map@1": 2 / 5, "map@2": (0.5 + 0.5 + 0 + 0.25 + 0.5) / 5,
+                "map@4": ((1 + 2 / 3) / 2 + (1 + 2 / 3) / 2 + 0.25 + (0.5 + 2 / 3) / 2 + 0.5) / 5,
+                "mrr": (1 + 1 + 0.25 + 0.5 + 0.5) / 5}
         self.assertMetricsClose(got, want)
 
     def test_singleton_classes_only(self):
@@ -316,6 +337,35 @@ class NMITest(parameterized.TestCase):
             metrics.kmeans(jax.random.key(0), np.where(x > 0, np.nan, x), 2)
         with self.assertRaisesRegex(ValueError, "`labels_pred`"):
             metrics.normalized_mutual_info(labels, labels[:4])
+
+
+class AMITest(parameterized.TestCase):
+
+    @parameterized.parameters((0, 40, 3, 4), (1, 200, 10, 7), (2, 500, 25, 25), (3, 7, 1, 3),
+                              (4, 50, 50, 2))
+    def test_matches_sklearn(self, seed, n, classes, clusters):
+        rng = np.random.default_rng(seed)
+        u, v = rng.integers(0, classes, n), rng.integers(0, clusters, n)
+        v[: n // 2] = u[: n // 2] % clusters  # partly informative
+        self.assertAlmostEqual(metrics.adjusted_mutual_info(u, v),
+                               adjusted_mutual_info_score(u, v), places=10)
+
+    def test_limits(self):
+        self.assertEqual(metrics.adjusted_mutual_info(np.zeros(5, int), np.zeros(5, int)), 1.0)
+        self.assertAlmostEqual(metrics.adjusted_mutual_info(np.arange(6) % 2,
+                                                            np.arange(6) % 2 + 3), 1.0)
+        with self.assertRaisesRegex(ValueError, "same length"):
+            metrics.adjusted_mutual_info(np.zeros(3, int), np.zeros(4, int))
+
+    def test_clustering_metrics_one_clustering_both_scores(self):
+        x, y = _data(5, 60)
+        got = metrics.clustering_metrics(x, y, jax.random.key(1))
+        self.assertEqual(sorted(got), ["ami", "nmi"])
+        self.assertAlmostEqual(got["nmi"], metrics.nmi(x, y, jax.random.key(1)), places=12)
+        _, assign = metrics.kmeans(jax.random.key(1), metrics.l2_normalize(x),
+                                   len(np.unique(y)))
+        self.assertAlmostEqual(got["ami"], adjusted_mutual_info_score(y, np.asarray(assign)),
+                               places=10)
 
 
 class DocTest(absltest.TestCase):

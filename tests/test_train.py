@@ -523,7 +523,7 @@ class KillAndResumeTest(absltest.TestCase):
             evaluated = json.load(f)
         self.assertEqual(evaluated["step"], trained["step"])
         self.assertAlmostEqual(evaluated["recall@1"], trained["recall@1"], places=6)
-        self.assertIn(f"{100 * trained['recall@1']:.2f}", ev.stdout)
+        self.assertIn(f"{trained['recall@1']:.4f}", ev.stdout)  # eval.json's units
         proc = _run_cli(kill_dir, wait=False)
         _wait_for_checkpoint(kill_dir, proc)
         proc.send_signal(signal.SIGKILL)
