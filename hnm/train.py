@@ -33,7 +33,7 @@ import numpy as np
 import optax
 from flax.training import train_state
 
-from hnm import analysis, checkpoint, metrics, models, objectives, parallel, rundir
+from hnm import analysis, checkpoint, models, objectives, parallel, rundir
 from hnm import memory as memory_lib
 from hnm.evaluate import embed_dataset, evaluate  # noqa: F401  (moved; re-exported)
 from hnm.parallel import AXIS, shard, train_step  # noqa: F401  (moved; re-exported)
