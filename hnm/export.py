@@ -45,10 +45,10 @@ def embed_function(run) -> Any:
     inference mode, the restored variables closed over (they become constants)."""
     import jax
 
-    from hnm import train
+    from hnm import parallel
 
     state = jax.device_get(run.state)
-    variables = train._variables(state)
+    variables = parallel.model_variables(state)
     apply_fn = state.apply_fn
 
     def embed(images):
@@ -86,7 +86,7 @@ def contract(run, *, fmt: str = "jax", platforms: Sequence[str] = ()) -> dict:
         "normalized_output": bool(model.normalize),
         "similarity": "cosine",
         "step": run.step,
-        "model": train._model_signature(run.config),
+        "model": train.model_signature(run.config),
         "platforms": list(platforms),
         "jax_version": jax.__version__,
     }

@@ -10,7 +10,7 @@ restores the newest complete checkpoint exactly as ``hnm eval`` does
 :meth:`Run.embed` applies that run's *evaluation* pre-processing
 (:meth:`hnm.data.Preprocess.eval`: resize the shorter side, centre crop; nothing for the
 embedded sets, whose images have one native size), splits the batches over all local
-devices with the pmapped :func:`hnm.train.embed_step`, pads the last batch and drops the
+devices with the pmapped :func:`hnm.parallel.embed_step`, pads the last batch and drops the
 padding: the rows are those ``hnm eval`` scores, in input order.
 
 :func:`baselines` scores the untrained network (the run's initial parameters) and raw pixels
@@ -70,7 +70,7 @@ def image_shape(data_cfg: Mapping[str, Any]) -> tuple[int, int, int]:
     if source == "digits":
         hw, channels = (8, 8), 1
     elif source == "glyphs":
-        from hnm import glyphs
+        from hnm.data import glyphs
         hw, channels = (glyphs.IMAGE_SIZE, glyphs.IMAGE_SIZE), 1
     elif source == "npz":
         path = cfg.get("path") or ""
@@ -175,20 +175,25 @@ class Run:
             if images.ndim == 3:
                 images = images[..., None]
         n = len(images)
-        n_dev = jax.local_device_count()
+        from hnm import parallel
+
+        layout = parallel.make_layout("pmap", 0)
+        n_dev = layout.num_local_devices
         bs = int(batch_size or self.config.eval.get("batch_size", 256))
         if bs < 1:
             raise ValueError(f"`batch_size` must be >= 1; got {batch_size}.")
         bs = -(-bs // n_dev) * n_dev
         if self._embed_fn is None:
-            self._embed_fn = train.make_embed_step()
-            self.state = train.place_state(self.state)
+            self._embed_fn = layout.make_embed_step()
+            self.state = layout.place_state(self.state)
         out = np.zeros((n, self.embedding_dim), np.float32)
         starts = range(0, n, bs)
         if progress is None:
             progress = sys.stderr.isatty()
         if progress:
-            starts = train._progress(starts, total=len(starts), desc="embed")
+            from tqdm.auto import tqdm  # lazy: only for interactive use
+
+            starts = tqdm(starts, total=len(starts), desc="embed", leave=False)
         for start in starts:
             stop = min(start + bs, n)
             batch = np.zeros((bs, *self.image_shape), np.uint8)  # padded last batch
@@ -201,26 +206,48 @@ class Run:
 
 def restore_state(config, workdir: str, shape: tuple[int, int, int], *, step: int | None = None
                   ) -> Any:
-    """The run's state at ``step`` (default newest), built as ``hnm eval`` builds it."""
+    """The run's state at ``step`` (default: the newest that verifies), built as ``hnm eval``
+    builds it, checksums checked (:func:`hnm.checkpoint.restore_verified`). No training data
+    is read: an objective's class parameters are sized by the checkpoint's ``num_classes``."""
     import jax
 
-    from hnm import checkpoint, models, train
+    from hnm import checkpoint, models, parallel, train
 
-    model = models.create(train.model_config(config))
-    tx = train.make_optimizer(config.optim, train.make_schedule(config.optim, 1))
-    state = train.create_train_state(model, tx, jax.random.key(config.seed), shape,
-                                     memory_size=train.memory_options(config)[0])
     ckpt_dir = os.path.join(workdir, checkpoint.CHECKPOINT_SUBDIR)
-    if not os.path.isdir(ckpt_dir):
+    steps = checkpoint.steps_on_disk(workdir) if os.path.isdir(ckpt_dir) else []
+    if not steps:
         raise ValueError(f"no checkpoint in {ckpt_dir}: has {workdir!r} been trained?")
-    manager = checkpoint.open_manager(workdir)
+    if step is not None and step not in steps:
+        raise ValueError(f"no checkpoint of step {step} in {ckpt_dir}; it has {steps}.")
+    model = models.create(train.model_config(config))
+    objective = train.build_objective(config)
+    parametric = parallel.is_parametric(objective)
+    num_classes = 0
+    if parametric:
+        manager = checkpoint.open_manager(workdir, create=False)
+        try:
+            num_classes = int((checkpoint.restore_meta(manager, step) or {}).get(
+                "num_classes", 0))
+        finally:
+            manager.close()
+    tx = train.make_optimizer(config.optim, train.make_schedule(config.optim, 1),
+                              param_lr_mult=train.param_lr_mult(config) if parametric else None)
+    state = train.create_train_state(model, tx, jax.random.key(config.seed), shape,
+                                     memory_size=train.memory_options(config)[0],
+                                     objective=objective, num_classes=num_classes)
+    if step is None:
+        manager, state, _ = checkpoint.restore_verified(
+            workdir, state, say=lambda m: print(f"hnm: {m}", file=sys.stderr),
+            move_failing=False, require=True,
+            check_meta=lambda m: train.check_checkpoint_model(m, config, workdir))
+        manager.close()
+        return state
+    problem = checkpoint.verify(workdir, step)
+    if problem is not None:
+        raise ValueError(f"checkpoint step {step} fails verification: {problem}")
+    manager = checkpoint.open_manager(workdir, create=False)
     try:
-        if manager.latest_step() is None:
-            raise ValueError(f"no complete checkpoint in {ckpt_dir}.")
-        if step is not None and step not in manager.all_steps():
-            raise ValueError(f"no checkpoint of step {step} in {ckpt_dir}; it has "
-                             f"{sorted(manager.all_steps())}.")
-        train._check_checkpoint_model(checkpoint.restore_meta(manager, step), config, workdir)
+        train.check_checkpoint_model(checkpoint.restore_meta(manager, step), config, workdir)
         state, _ = checkpoint.restore_or_init(manager, state, step)
     finally:
         manager.close()
@@ -412,7 +439,7 @@ def baselines(eval_sets: Mapping[str, Any], config) -> dict[str, dict]:
       :func:`hnm.train.train_and_evaluate` draws them; ``model.pretrained`` weights are not
       loaded), embedded and scored exactly as the trained model is;
     * ``raw_pixels``: the evaluation-pre-processed images flattened to H*W*C numbers and
-      ranked by cosine similarity (the floor quoted in ``hnm.glyphs``).
+      ranked by cosine similarity (the floor quoted in ``hnm.data.glyphs``).
 
     Returns:
       ``{"untrained": metrics, "raw_pixels": metrics}``, each with the keys of

@@ -293,16 +293,16 @@ class _Reporter:
             self._bar = None
 
 
-def _model_signature(config) -> dict:
+def model_signature(config) -> dict:
     """What a checkpoint must agree with: the model config (embedding dim, backbone, ...)."""
     return json.loads(json.dumps(config.model.to_dict() if hasattr(config.model, "to_dict")
                                  else dict(config.model)))
 
 
-def _check_checkpoint_model(meta: Mapping[str, Any] | None, config, workdir: str) -> None:
+def check_checkpoint_model(meta: Mapping[str, Any] | None, config, workdir: str) -> None:
     """One clear line when the checkpoint was written for another model (e.g. another dim)."""
-    if meta is not None and meta.get("model") != _model_signature(config):
-        raise ValueError(f"the model config {_model_signature(config)} does not match the "
+    if meta is not None and meta.get("model") != model_signature(config):
+        raise ValueError(f"the model config {model_signature(config)} does not match the "
                          f"checkpoint in {workdir} ({meta.get('model')}); use a new --workdir.")
 
 
@@ -538,7 +538,7 @@ def _train_locked(config, workdir, data, layout, bar) -> dict:
     labels_of = class_indexer(ds) if parallel.is_parametric(objective) else dict
     manager, state, meta = checkpoint.restore_verified(
         workdir, state, max_to_keep=config.train.get("keep", 3), say=_say,
-        check_meta=lambda m: _check_checkpoint_model(m, config, workdir))
+        check_meta=lambda m: check_checkpoint_model(m, config, workdir))
     if meta is None:  # fresh run: start from pretrained weights if asked
         state = load_pretrained(state, config)
     state = layout.place_state(state)
@@ -564,8 +564,11 @@ def _train_locked(config, workdir, data, layout, bar) -> dict:
         nonlocal saved
         # A diverged state is never checkpointed: the last good one stays.
         _check_finite(m, last_good, step, saved)
+        # num_classes sizes an objective's class parameters when the run is loaded without
+        # its training data (hnm.inference).
         checkpoint.save(manager, step, state, {"sampler": [int(x) for x in sampler],
-                                               "model": _model_signature(config)},
+                                               "model": model_signature(config),
+                                               "num_classes": int(ds.num_train_classes)},
                         force=force, workdir=workdir)
         saved = step
 
@@ -647,7 +650,7 @@ def evaluate_checkpoint(config, workdir: str, *, progress: bool | None = None) -
                         jax.random.key(config.seed), ds, build_objective(config))
     manager, state, _ = checkpoint.restore_verified(
         workdir, state, say=_say, move_failing=False, require=True,
-        check_meta=lambda m: _check_checkpoint_model(m, config, workdir))
+        check_meta=lambda m: check_checkpoint_model(m, config, workdir))
     state = layout.place_state(state)
     try:
         results = evaluate(state, ds.eval_sets(), config.eval, None, layout, progress)

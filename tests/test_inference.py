@@ -12,7 +12,7 @@ import pytest
 from absl.testing import absltest
 from PIL import Image
 
-from hnm import checkpoint, data, inference, metrics, models, plots, train
+from hnm import checkpoint, data, inference, metrics, models, parallel, plots, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "experiments"))
@@ -36,7 +36,7 @@ def make_run(workdir, config=None, seed=3):
         f.write(config.to_json(indent=2))
     manager = checkpoint.open_manager(workdir, async_save=False)
     checkpoint.save(manager, 7, state, {"sampler": [0, 0],
-                                        "model": train._model_signature(config)})
+                                        "model": train.model_signature(config)})
     manager.wait_until_finished()
     manager.close()
     return config
@@ -120,7 +120,7 @@ class LoadAndEmbedTest(absltest.TestCase):
         images, _, ds = _test_set(cfg)
         batch = next(ds.eval_sets()["test"].batches(16))
         # The evaluation batch holds pre-processed 6 x 6 images: apply the model directly.
-        want = np.asarray(train.embed_step(run.state, batch["images"][:16]))
+        want = np.asarray(parallel.embed_step(run.state, batch["images"][:16]))
         got = run.embed(images[:16])            # raw 8 x 8: resized to 7, cropped to 6
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
 
