@@ -416,6 +416,9 @@ def run(argv: Sequence[str]) -> int:
         if _disk_full(e):
             where = getattr(e, "filename", None) or _CONTEXT.get("workdir") or \
                 "the work directory"
+            # Orbax's background threads fail noisily at interpreter exit after a failed
+            # write ("Event loop is closed" tracebacks): leave without tearing down.
+            _CONTEXT["hard_exit"] = True
             return _fail(f"disk full at {where} (No space left on device); free space and "
                          "rerun to resume from the newest complete checkpoint", 1)
         if isinstance(e, config_lib.ConfigError):
@@ -429,7 +432,12 @@ def run(argv: Sequence[str]) -> int:
 
 def main(argv: Sequence[str] | None = None) -> None:
     """The console entry point: ``sys.exit(run(sys.argv[1:]))``."""
-    sys.exit(run(sys.argv[1:] if argv is None else argv))
+    code = run(sys.argv[1:] if argv is None else argv)
+    if _CONTEXT.get("hard_exit"):
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
 
 
 if __name__ == "__main__":
