@@ -141,6 +141,7 @@ def initialize_distributed(args) -> None:
                          f"{args.num_processes})")
     import jax
 
+    _exit_instead_of_abort()
     try:
         jax.distributed.initialize(
             coordinator_address=args.coordinator_address, num_processes=args.num_processes,
@@ -153,8 +154,6 @@ def initialize_distributed(args) -> None:
                 f"the job's processes did not all arrive within {args.distributed_timeout} s "
                 f"(--distributed_timeout); coordinator {args.coordinator_address}") from None
         raise RuntimeError(f"could not join the job: {text[:300]}") from None
-    if jax.process_count() > 1:
-        _exit_instead_of_abort()
 
 
 _ABORT_HANDLER = None  # kept alive: libc holds a pointer to it
@@ -170,9 +169,9 @@ def _exit_instead_of_abort() -> None:
     import ctypes
     import signal as signal_lib
 
-    message = (b"hnm: error: the multi-process job lost a process (a peer died, or sent no "
-               b"heartbeat within --distributed_timeout); rerun the job to resume from the "
-               b"newest complete checkpoint\n")
+    message = (b"hnm: error: the multi-process job failed: a process died, never arrived or "
+               b"sent no heartbeat within --distributed_timeout seconds; rerun the job to "
+               b"resume from the newest complete checkpoint\n")
 
     @ctypes.CFUNCTYPE(None, ctypes.c_int)
     def handler(signum):
