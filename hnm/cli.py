@@ -141,6 +141,7 @@ def initialize_distributed(args) -> None:
                          f"{args.num_processes})")
     import jax
 
+    _exit_instead_of_abort()
     try:
         jax.distributed.initialize(
             coordinator_address=args.coordinator_address, num_processes=args.num_processes,
@@ -153,8 +154,6 @@ def initialize_distributed(args) -> None:
                 f"the job's processes did not all arrive within {args.distributed_timeout} s "
                 f"(--distributed_timeout); coordinator {args.coordinator_address}") from None
         raise RuntimeError(f"could not join the job: {text[:300]}") from None
-    if jax.process_count() > 1:
-        _exit_instead_of_abort()
 
 
 _ABORT_HANDLER = None  # kept alive: libc holds a pointer to it
@@ -170,9 +169,9 @@ def _exit_instead_of_abort() -> None:
     import ctypes
     import signal as signal_lib
 
-    message = (b"hnm: error: the multi-process job lost a process (a peer died, or sent no "
-               b"heartbeat within --distributed_timeout); rerun the job to resume from the "
-               b"newest complete checkpoint\n")
+    message = (b"hnm: error: the multi-process job failed: a process died, never arrived or "
+               b"sent no heartbeat within --distributed_timeout seconds; rerun the job to "
+               b"resume from the newest complete checkpoint\n")
 
     @ctypes.CFUNCTYPE(None, ctypes.c_int)
     def handler(signum):
@@ -417,6 +416,9 @@ def run(argv: Sequence[str]) -> int:
         if _disk_full(e):
             where = getattr(e, "filename", None) or _CONTEXT.get("workdir") or \
                 "the work directory"
+            # Orbax's background threads fail noisily at interpreter exit after a failed
+            # write ("Event loop is closed" tracebacks): leave without tearing down.
+            _CONTEXT["hard_exit"] = True
             return _fail(f"disk full at {where} (No space left on device); free space and "
                          "rerun to resume from the newest complete checkpoint", 1)
         if isinstance(e, config_lib.ConfigError):
@@ -430,7 +432,12 @@ def run(argv: Sequence[str]) -> int:
 
 def main(argv: Sequence[str] | None = None) -> None:
     """The console entry point: ``sys.exit(run(sys.argv[1:]))``."""
-    sys.exit(run(sys.argv[1:] if argv is None else argv))
+    code = run(sys.argv[1:] if argv is None else argv)
+    if _CONTEXT.get("hard_exit"):
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
 
 
 if __name__ == "__main__":

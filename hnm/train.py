@@ -184,6 +184,8 @@ class _Preemption:
                     "the next step, then exiting (again to abort now)\n".encode())
 
     def __exit__(self, *exc):
+        if self.requested:  # stopping: a further signal still aborts at once, never a traceback
+            return
         for sig, old in self._old.items():
             signal.signal(sig, old)
         self._old = {}

@@ -204,7 +204,10 @@ def test_ctrl_c_saves_and_resumes_and_a_second_ctrl_c_aborts(reference, tmp_path
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err[-3000:]
-    assert "second interrupt: aborting now" in err
+    assert "Traceback" not in err, err[-3000:]
+    # The second signal aborts wherever it lands (while saving, or after the first one's
+    # checkpoint was written, during shutdown).
+    assert "second interrupt: aborting now" in err or "interrupted: checkpoint saved" in out
     code, _, err = _run(wd)
     assert code == 0, err[-3000:]
     _assert_same_eval(_eval(wd), reference)
