@@ -60,3 +60,9 @@ def check_same_shape(a: Any, b: Any, name_a: str, name_b: str) -> None:
         dtype = getattr(x, "dtype", None)
         if dtype is not None and not jnp.issubdtype(dtype, jnp.floating):
             raise TypeError(f"`{n}` must have a floating dtype; got {_describe(x)}.")
+
+
+def check_choice(value: Any, name: str, choices: tuple[str, ...]) -> None:
+    """Raises ``ValueError`` naming ``name`` unless ``value`` is one of ``choices``."""
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError(f"unknown `{name}`={value!r}; expected one of {tuple(choices)}.")

@@ -98,11 +98,6 @@ def soft_triplet_loss(sim_ap: ArrayLike, sim_an: ArrayLike,
     return jax.nn.softplus((sim_an - sim_ap) / temperature)
 
 
-def _check_hard_rule(hard_rule: str) -> None:
-    if hard_rule not in HARD_RULES:
-        raise ValueError(f"unknown `hard_rule`={hard_rule!r}; expected one of {HARD_RULES}.")
-
-
 def sct_masks(sim_ap: ArrayLike, sim_an: ArrayLike, *,
               hard_threshold: ArrayLike = HARD_THRESHOLD,
               hard_rule: str = "or") -> tuple[jax.Array, jax.Array]:
@@ -138,7 +133,7 @@ def sct_masks(sim_ap: ArrayLike, sim_an: ArrayLike, *,
       >>> easy.tolist(), hard.tolist()
       ([True, False, False, False], [False, False, True, True])
     """
-    _check_hard_rule(hard_rule)
+    _checks.check_choice(hard_rule, "hard_rule", HARD_RULES)
     sim_ap, sim_an = _pair(sim_ap, sim_an)
     # The sets are a choice, not a function to differentiate.
     sim_ap, sim_an = jax.lax.stop_gradient(sim_ap), jax.lax.stop_gradient(sim_an)

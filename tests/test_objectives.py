@@ -439,6 +439,24 @@ class RegistryAndErrorsTest(parameterized.TestCase):
         self.assertContainsSubset({"contrastive", "multi_similarity", "supcon",
                                    "distance_weighted"}, set(names))
 
+    def test_frac_hard_has_one_meaning(self):
+        """frac_hard is the mined-triplet hn_ratio; pair objectives say frac_hard_ephn."""
+        emb, labels = _problem(3)
+        emb, labels = jnp.asarray(emb), jnp.asarray(labels)
+        pair_only = {"contrastive", "multi_similarity", "supcon"}
+        ephn_hard = float(objectives.get("ephn")(emb, labels)[1]["frac_hard"])
+        self.assertBetween(ephn_hard, 0.05, 0.95)   # a batch where the statistic can be wrong
+        for name in objectives.names():
+            with self.subTest(name):
+                _, aux = objectives.get(name)(emb, labels, jax.random.key(0))
+                if name in pair_only:
+                    self.assertNotIn("frac_hard", aux)
+                    # The same anchors count (random rows: no cosine at +-1, no duplicates).
+                    self.assertAlmostEqual(float(aux["frac_hard_ephn"]), ephn_hard, places=6)
+                else:
+                    self.assertNotIn("frac_hard_ephn", aux)
+                    self.assertIn("frac_hard", aux)
+
     def test_get_binds_options(self):
         emb, labels = _problem(0)
         a, _ = objectives.get("batch_hard", margin=0.5)(jnp.asarray(emb), jnp.asarray(labels))
