@@ -23,10 +23,17 @@ def test_every_objective_is_registered_and_buildable():
     import hnm
     assert hnm.objectives.names() == sorted(
         ["batch_all", "batch_hard", "contrastive", "distance_weighted", "ephn", "epshn",
-         "multi_similarity", "sct", "semihard", "supcon"])
+         "multi_similarity", "sct", "semihard", "supcon",
+         "circle", "lifted_structure", "generalized_lifted_structure", "n_pairs", "ntxent",
+         "tuplet_margin", "fast_ap", "smooth_ap", "histogram",
+         "proxy_nca", "proxy_anchor", "norm_softmax", "arcface", "cosface",
+         "sub_center_arcface", "soft_triple", "margin"])
     for name in hnm.objectives.names():
-        fn = hnm.objectives.get(name)
-        assert callable(fn)
+        obj = hnm.objectives.get(name)
+        if hnm.objectives.is_parametric(name):
+            assert callable(obj.init) and callable(obj.apply)
+        else:
+            assert callable(obj)
 
 
 def test_console_script_prints_usage():

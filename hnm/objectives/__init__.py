@@ -15,6 +15,13 @@ Layout:
   ``batch_hard``, ``semihard``, ``batch_all`` (hinge recipes);
 * :mod:`hnm.objectives.pair`: ``contrastive``, ``multi_similarity``, ``supcon``,
   ``distance_weighted``;
+* :mod:`hnm.objectives.tuples`: ``circle``, ``lifted_structure``,
+  ``generalized_lifted_structure``, ``n_pairs``, ``ntxent``, ``tuplet_margin``;
+* :mod:`hnm.objectives.ranking`: ``fast_ap``, ``smooth_ap``, ``histogram``;
+* :mod:`hnm.objectives.proxy`: the *parametric* objectives ``proxy_nca``, ``proxy_anchor``,
+  ``norm_softmax``, ``arcface``, ``cosface``, ``sub_center_arcface``, ``soft_triple``,
+  ``margin``, for which :func:`get` returns a :class:`~hnm.objectives.proxy.
+  ParametricObjective` ``(init, apply)`` instead of a function (:func:`is_parametric`);
 * ``_common.py`` (private): input checks and normalisation, the similarity kernels (from
   the one registry :data:`hnm.distances.SIMILARITIES`), global statistics, the aux dict and
   the reductions shared by both.
@@ -67,31 +74,52 @@ from typing import Any
 
 from hnm.objectives import _common
 from hnm.objectives import pair
+from hnm.objectives import proxy
+from hnm.objectives import ranking
 from hnm.objectives import triplet
+from hnm.objectives import tuples
 from hnm.objectives.pair import contrastive, distance_weighted, multi_similarity, supcon
+from hnm.objectives.ranking import fast_ap, histogram, smooth_ap
 from hnm.objectives.triplet import batch_all, batch_hard, ephn, epshn, sct, semihard
+from hnm.objectives.tuples import (circle, generalized_lifted_structure, lifted_structure,
+                                   n_pairs, ntxent, tuplet_margin)
 
 Aux = _common.Aux
 Objective = _common.Objective
 # Keyword arguments given per call (or by ``get`` itself), never bound as options.
-CALL_TIME = ("axis_name", "memory")
+CALL_TIME = ("axis_name", "memory", "pos_mask", "neg_mask")
 
-OBJECTIVES: dict[str, Objective] = dict(sorted({**triplet.OBJECTIVES,
-                                                **pair.OBJECTIVES}.items()))
+OBJECTIVES: dict[str, Objective] = dict(sorted({**triplet.OBJECTIVES, **pair.OBJECTIVES,
+                                                **tuples.OBJECTIVES,
+                                                **ranking.OBJECTIVES}.items()))
+ParametricObjective = proxy.ParametricObjective
 
-__all__ = ["Aux", "CALL_TIME", "OBJECTIVES", "Objective", "get", "names", "options", "pair",
-           "triplet", *OBJECTIVES]
+__all__ = ["Aux", "CALL_TIME", "OBJECTIVES", "Objective", "ParametricObjective", "get",
+           "is_parametric", "names", "options", "pair", "proxy", "ranking", "triplet",
+           "tuples", *OBJECTIVES]
 
 
 def names() -> list[str]:
-    """Sorted names of every objective (triplet and pair)."""
-    return list(OBJECTIVES)
+    """Sorted names of every objective (parameter-free and parametric)."""
+    return sorted([*OBJECTIVES, *proxy.PARAMETRIC])
+
+
+def is_parametric(name: str) -> bool:
+    """Whether objective ``name`` has learnable parameters (:func:`get` then returns a
+    :class:`ParametricObjective` with ``init`` and ``apply``).
+
+    Examples:
+      >>> is_parametric("proxy_anchor"), is_parametric("sct")
+      (True, False)
+    """
+    _lookup(name)
+    return name in proxy.PARAMETRIC
 
 
 def _lookup(name: str) -> Objective:
-    if not isinstance(name, str) or name not in OBJECTIVES:
+    if not isinstance(name, str) or name not in names():
         raise ValueError(f"unknown objective `name`={name!r}; expected one of {names()}.")
-    return OBJECTIVES[name]
+    return OBJECTIVES.get(name) or proxy.PARAMETRIC[name][1]
 
 
 def options(name: str) -> dict[str, Any]:
@@ -102,6 +130,8 @@ def options(name: str) -> dict[str, Any]:
       {'temperature': 0.1}
     """
     fn = _lookup(name)
+    if name in proxy.PARAMETRIC:   # the options of both init and apply
+        return proxy.options(name)
     return {p.name: p.default for p in inspect.signature(fn).parameters.values()
             if p.kind is inspect.Parameter.KEYWORD_ONLY and p.name not in CALL_TIME}
 
@@ -116,7 +146,11 @@ def get(name: str, *, axis_name: str | None = None, **opts: Any) -> Objective:
       **opts: the objective's keyword options (see :func:`options`).
 
     Returns:
-      A pure function, ready for ``jax.jit`` / ``jax.grad``.
+      A pure function, ready for ``jax.jit`` / ``jax.grad``; for a parametric objective
+      (:func:`is_parametric`) a :class:`ParametricObjective` ``(name, init, apply)``:
+      ``params = obj.init(key, num_classes, dim)``, ``loss, aux = obj.apply(params,
+      embeddings, labels, key=None, *, axis_name=None, memory=None)`` (``axis_name`` given
+      here is its default).
 
     Raises:
       ValueError: for an unknown ``name`` or an unknown option (the message lists the valid
@@ -130,6 +164,8 @@ def get(name: str, *, axis_name: str | None = None, **opts: Any) -> Objective:
       (0.25, 4)
     """
     valid = options(name)
+    if is_parametric(name):   # ``init(key, num_classes, dim)``, ``apply(params, emb, ...)``
+        return proxy.bind(name, axis_name=axis_name, **opts)
     unknown = sorted(set(opts) - set(valid))
     if unknown:
         raise ValueError(f"unknown option(s) {unknown} for objective {name!r}; valid options: "

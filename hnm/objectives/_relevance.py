@@ -18,6 +18,7 @@ from jax.typing import ArrayLike
 
 from hnm import _checks
 from hnm import distances
+from hnm.objectives._common import check_positive, masked_sum, ratio  # noqa: F401
 
 Aux = dict[str, jax.Array]
 
@@ -31,12 +32,6 @@ class Pairs(NamedTuple):
     query_offset: jax.Array  # int32 scalar
     labels: jax.Array | None
     ref_labels: jax.Array | None
-
-
-def check_positive(value: Any, name: str) -> None:
-    """Checks a Python number at trace time; traced values are the caller's business."""
-    if isinstance(value, (int, float)) and not value > 0:
-        raise ValueError(f"`{name}` must be > 0; got {value!r}.")
 
 
 def check_choice(value: Any, name: str, choices: tuple[str, ...]) -> None:
@@ -112,11 +107,6 @@ def masked_logsumexp(x: jax.Array, mask: jax.Array, *, axis: int = -1,
     return jnp.where(has_any, row_max + jnp.log(jnp.where(has_any, total, 1.0)), 0.0)
 
 
-def masked_sum(x: jax.Array, mask: jax.Array) -> jax.Array:
-    """Sum over ``mask`` by selection (a garbage or inf entry outside never leaks)."""
-    return jnp.sum(jnp.where(mask, x, 0.0))
-
-
 def global_stats(axis_name: str | None, dtype, **terms: ArrayLike) -> dict[str, jax.Array]:
     """Sums scalars over devices with one ``psum``; no gradient."""
     names = list(terms)
@@ -125,17 +115,14 @@ def global_stats(axis_name: str | None, dtype, **terms: ArrayLike) -> dict[str, 
     return dict(zip(names, stacked))
 
 
-def ratio(num: jax.Array, den: jax.Array) -> jax.Array:
-    return num / jnp.maximum(den, 1.0)
-
-
 def pair_aux(loss: jax.Array, cos: jax.Array, pos_mask: jax.Array, neg_mask: jax.Array, *,
              num_valid: ArrayLike, num_active: ArrayLike, num_units: ArrayLike,
              axis_name: str | None) -> Aux:
     """The aux dict of a pair objective (keys as ``hnm.objectives``): ``loss`` (global),
-    ``num_valid``, ``frac_active``, ``frac_hard`` (anchors whose most similar negative beats
-    their most similar positive, among anchors with both), ``mean_sim_ap`` / ``mean_sim_an``
-    over all positive / negative pairs, in ``cos`` (stopped)."""
+    ``num_valid``, ``frac_active``, ``frac_hard_ephn`` (anchors whose most similar negative
+    beats their most similar positive, among anchors with both; these objectives form no
+    triplets, so no ``frac_hard``), ``mean_sim_ap`` / ``mean_sim_an`` over all positive /
+    negative pairs, in ``cos`` (stopped)."""
     cos = jax.lax.stop_gradient(cos)
     has_both = jnp.any(pos_mask, axis=1) & jnp.any(neg_mask, axis=1)
     max_pos = jnp.max(jnp.where(pos_mask, cos, -jnp.inf), axis=1)
@@ -146,7 +133,8 @@ def pair_aux(loss: jax.Array, cos: jax.Array, pos_mask: jax.Array, neg_mask: jax
                      n_ap=jnp.sum(pos_mask), an=masked_sum(cos, neg_mask),
                      n_an=jnp.sum(neg_mask))
     return dict(loss=s["loss"], num_valid=s["n"].astype(jnp.int32),
-                frac_active=ratio(s["active"], s["units"]), frac_hard=ratio(s["hard"], s["both"]),
+                frac_active=ratio(s["active"], s["units"]),
+                frac_hard_ephn=ratio(s["hard"], s["both"]),
                 mean_sim_ap=ratio(s["ap"], s["n_ap"]), mean_sim_an=ratio(s["an"], s["n_an"]))
 
 

@@ -38,8 +38,9 @@ ValueError when given one.
 
 **aux** (global, no gradient): ``loss``, ``num_valid`` (rows that counted; triplets for
 ``margin``), ``mean_sim_ap`` (cosine to the own proxy), ``mean_sim_an`` (to the other
-proxies), ``frac_hard`` (rows whose most similar other proxy beats their own), and
-``frac_active``.
+proxies), ``frac_hard_ephn`` (rows whose most similar other proxy beats their own: the
+easy-positive / hard-negative triplet with proxies as references; ``margin``: as the pair
+objectives), and ``frac_active``.
 
 References:
   Movshovitz-Attias et al. No Fuss Distance Metric Learning using Proxies. ICCV 2017.
@@ -178,7 +179,7 @@ def _proxy_aux(loss: jax.Array, cos: jax.Array, target: jax.Array, valid: jax.Ar
                          ap=rel.masked_sum(cos, pos), n_ap=jnp.sum(pos),
                          an=rel.masked_sum(cos, neg), n_an=jnp.sum(neg))
     return dict(loss=s["loss"], num_valid=s["n"].astype(jnp.int32),
-                frac_hard=rel.ratio(s["hard"], s["n"]),
+                frac_hard_ephn=rel.ratio(s["hard"], s["n"]),
                 frac_active=rel.ratio(s["active"], s["n"]),
                 mean_sim_ap=rel.ratio(s["ap"], s["n_ap"]),
                 mean_sim_an=rel.ratio(s["an"], s["n_an"]))

@@ -230,8 +230,7 @@ def histogram(embeddings: ArrayLike, labels: ArrayLike | None = None,
     _check_int(num_bins, "num_bins")
     pr = rel.pairs(embeddings, labels, normalize=True, axis_name=axis_name, memory=memory,
                    pos_mask=pos_mask, neg_mask=neg_mask)
-    sim = pr.emb @ pr.ref.T
-    num_rows, num_cols = sim.shape
+    num_rows, num_cols = pr.pos_mask.shape
     num_batch = num_cols - (0 if memory is None else memory.embeddings.shape[0])
     rows = pr.query_offset + jnp.arange(num_rows)[:, None]
     cols = jnp.arange(num_cols)[None, :]
@@ -239,18 +238,28 @@ def histogram(embeddings: ArrayLike, labels: ArrayLike | None = None,
     pos, neg = pr.pos_mask & once, pr.neg_mask & once
     num_nodes = num_bins + 1
     delta = 2.0 / num_bins
-    h_pos, n_pos = _density(sim, pos, delta, num_nodes)
-    h_neg, n_neg = _density(sim, neg, delta, num_nodes)
+    # Batch and memory columns scatter separately: an empty memory then adds exact zeros to
+    # the very same batch histogram (a joint scatter may sum in another order).
+    # (The batch block's matmul too: one [B, B + K] product may round differently.)
+    sim_b = pr.emb @ pr.ref[:num_batch].T
+    h_pos, n_pos = _density(sim_b, pos[:, :num_batch], delta, num_nodes)
+    h_neg, n_neg = _density(sim_b, neg[:, :num_batch], delta, num_nodes)
+    if num_batch < num_cols:
+        sim_m = pr.emb @ pr.ref[num_batch:].T
+        m_pos, c_pos = _density(sim_m, pos[:, num_batch:], delta, num_nodes)
+        m_neg, c_neg = _density(sim_m, neg[:, num_batch:], delta, num_nodes)
+        h_pos, n_pos, h_neg, n_neg = h_pos + m_pos, n_pos + c_pos, h_neg + m_neg, n_neg + c_neg
     if axis_name is not None:
         h_pos = jnp.sum(jax.lax.all_gather(h_pos, axis_name), axis=0)
         h_neg = jnp.sum(jax.lax.all_gather(h_neg, axis_name), axis=0)
     counts = distances.global_sum(jnp.stack([n_pos, n_neg]), axis_name)
-    counts = jax.lax.stop_gradient(counts).astype(sim.dtype)
+    counts = jax.lax.stop_gradient(counts).astype(h_pos.dtype)
     p_pos = h_pos / jnp.maximum(counts[0], 1.0)
     p_neg = h_neg / jnp.maximum(counts[1], 1.0)
     loss = jnp.sum(p_neg * jnp.cumsum(p_pos))
     loss = jnp.where((counts[0] > 0) & (counts[1] > 0), loss, 0.0)
     share = loss / rel.num_devices(axis_name)
+    sim = jax.lax.stop_gradient(pr.emb @ pr.ref.T)
     return share, rel.pair_aux(share, sim, pr.pos_mask, pr.neg_mask, num_valid=n_pos,
                                num_active=n_pos, num_units=n_pos, axis_name=axis_name)
 
