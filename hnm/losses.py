@@ -95,6 +95,7 @@ def soft_triplet_loss(sim_ap: ArrayLike, sim_an: ArrayLike,
       Hermans, Beyer, Leibe. In Defense of the Triplet Loss. 2017.
     """
     sim_ap, sim_an = _pair(sim_ap, sim_an)
+    _checks.check_positive(temperature, "temperature")
     return jax.nn.softplus((sim_an - sim_ap) / temperature)
 
 
@@ -175,7 +176,8 @@ def sct_loss(sim_ap: ArrayLike, sim_an: ArrayLike, temperature: ArrayLike = TEMP
       Per-triplet loss, shaped like ``sim_ap``.
 
     Raises:
-      ValueError, TypeError: for an unknown ``hard_rule``, mismatched shapes or non-floats.
+      ValueError, TypeError: for an unknown ``hard_rule``, a Python ``temperature`` <= 0,
+        mismatched shapes or non-floats.
 
     Examples:
       >>> loss = sct_loss(jnp.array([0.5, 0.5, 0.5]), jnp.array([0.25, 0.5, 0.75]))
@@ -188,6 +190,7 @@ def sct_loss(sim_ap: ArrayLike, sim_an: ArrayLike, temperature: ArrayLike = TEMP
     easy, hard = sct_masks(sim_ap, sim_an, hard_threshold=hard_threshold,
                            hard_rule=hard_rule)
     sim_ap, sim_an = _pair(sim_ap, sim_an)
+    _checks.check_positive(temperature, "temperature")
     easy_loss = jax.nn.softplus((sim_an - sim_ap) / temperature)
     return jnp.where(easy, easy_loss, jnp.where(hard, hard_weight * sim_an, 0.0))
 

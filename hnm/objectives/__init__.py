@@ -70,8 +70,9 @@ from __future__ import annotations
 
 import functools
 import inspect
-from typing import Any
+from typing import Any, Mapping
 
+from hnm import _checks
 from hnm.objectives import _common
 from hnm.objectives import pair
 from hnm.objectives import proxy
@@ -92,11 +93,17 @@ CALL_TIME = ("axis_name", "memory", "pos_mask", "neg_mask")
 OBJECTIVES: dict[str, Objective] = dict(sorted({**triplet.OBJECTIVES, **pair.OBJECTIVES,
                                                 **tuples.OBJECTIVES,
                                                 **ranking.OBJECTIVES}.items()))
+# What each option of each objective accepts: {name: {option: OptionSpec}}.
+OPTION_SPECS: dict[str, dict[str, _checks.OptionSpec]] = {
+    **triplet.OPTION_SPECS, **pair.OPTION_SPECS, **tuples.OPTION_SPECS,
+    **ranking.OPTION_SPECS, **proxy.OPTION_SPECS}
+# Objectives with learnable parameters of their own (proxies, class centres, beta).
+PARAMETRIC: frozenset[str] = frozenset(proxy.PARAMETRIC)
 ParametricObjective = proxy.ParametricObjective
 
-__all__ = ["Aux", "CALL_TIME", "OBJECTIVES", "Objective", "ParametricObjective", "get",
-           "is_parametric", "names", "options", "pair", "proxy", "ranking", "triplet",
-           "tuples", *OBJECTIVES]
+__all__ = ["Aux", "CALL_TIME", "OBJECTIVES", "OPTION_SPECS", "Objective", "PARAMETRIC",
+           "ParametricObjective", "check_options", "get", "is_parametric", "names",
+           "options", "pair", "proxy", "ranking", "triplet", "tuples", *OBJECTIVES]
 
 
 def names() -> list[str]:
@@ -113,7 +120,7 @@ def is_parametric(name: str) -> bool:
       (True, False)
     """
     _lookup(name)
-    return name in proxy.PARAMETRIC
+    return name in PARAMETRIC
 
 
 def _lookup(name: str) -> Objective:
@@ -136,6 +143,37 @@ def options(name: str) -> dict[str, Any]:
             if p.kind is inspect.Parameter.KEYWORD_ONLY and p.name not in CALL_TIME}
 
 
+def check_options(name: str, opts: Mapping[str, Any]) -> None:
+    """Validates a configuration before anything is compiled.
+
+    Checks that ``name`` is an objective, that every key of ``opts`` is one of its options,
+    and every value's type and range (:data:`OPTION_SPECS`: temperatures and scales > 0,
+    margins >= 0, known strings, bools where bools). Arrays (traced or not) are
+    schedulable values: their dtype is checked, their values are not.
+
+    Raises:
+      ValueError: an unknown ``name`` or option (one line listing the valid ones), or a value
+        out of range or not one of the valid strings; the message names the option and the
+        value.
+      TypeError: a value of the wrong type (``margin="a"``, ``normalize=1``).
+
+    Examples:
+      >>> check_options("sct", {"temperature": 0.0})
+      Traceback (most recent call last):
+      ...
+      ValueError: `temperature` of objective 'sct' must be a real number > 0; got 0.0.
+    """
+    valid = options(name)
+    unknown = sorted(set(opts) - set(valid))
+    if unknown:
+        raise ValueError(f"unknown option(s) {unknown} for objective {name!r}; valid options: "
+                         f"{sorted(valid)}.")
+    specs = OPTION_SPECS.get(name, {})
+    for key, value in opts.items():
+        if key in specs:
+            _checks.check_option(value, key, specs[key], where=f" of objective {name!r}")
+
+
 def get(name: str, *, axis_name: str | None = None, **opts: Any) -> Objective:
     """The objective ``name`` with its options bound: ``(embeddings, labels, key=None, *,
     memory=None) -> (loss, aux)``.
@@ -143,7 +181,8 @@ def get(name: str, *, axis_name: str | None = None, **opts: Any) -> Objective:
     Args:
       name: one of :func:`names`.
       axis_name: device axis to mine across (inside ``pmap``/``shard_map``), or None.
-      **opts: the objective's keyword options (see :func:`options`).
+      **opts: the objective's keyword options (see :func:`options`), validated by
+        :func:`check_options`.
 
     Returns:
       A pure function, ready for ``jax.jit`` / ``jax.grad``; for a parametric objective
@@ -153,8 +192,7 @@ def get(name: str, *, axis_name: str | None = None, **opts: Any) -> Objective:
       here is its default).
 
     Raises:
-      ValueError: for an unknown ``name`` or an unknown option (the message lists the valid
-        ones).
+      ValueError, TypeError: see :func:`check_options`.
 
     Examples:
       >>> import jax.numpy as jnp
@@ -163,11 +201,7 @@ def get(name: str, *, axis_name: str | None = None, **opts: Any) -> Objective:
       >>> round(float(loss), 4), int(aux["num_valid"])
       (0.25, 4)
     """
-    valid = options(name)
+    check_options(name, opts)
     if is_parametric(name):   # ``init(key, num_classes, dim)``, ``apply(params, emb, ...)``
         return proxy.bind(name, axis_name=axis_name, **opts)
-    unknown = sorted(set(opts) - set(valid))
-    if unknown:
-        raise ValueError(f"unknown option(s) {unknown} for objective {name!r}; valid options: "
-                         f"{sorted(valid)}.")
     return functools.partial(_lookup(name), axis_name=axis_name, **opts)

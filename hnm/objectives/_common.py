@@ -40,9 +40,8 @@ def prepare(embeddings: ArrayLike, labels: ArrayLike, normalize: bool,
 
 
 def check_positive(value: Any, name: str) -> None:
-    """Checks a Python number at trace time; traced values are the caller's business."""
-    if isinstance(value, (int, float)) and not value > 0:
-        raise ValueError(f"`{name}` must be > 0; got {value!r}.")
+    """Checks a Python number at trace time; arrays (maybe traced) are the caller's business."""
+    _checks.check_positive(value, name)
 
 
 # ---------------------------------------------------------------------------------------------

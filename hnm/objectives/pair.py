@@ -54,6 +54,7 @@ import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
 
+from hnm import _checks
 from hnm import distances
 from hnm import miners
 from hnm.memory import Memory
@@ -365,6 +366,19 @@ def distance_weighted(embeddings: ArrayLike, labels: ArrayLike, key: jax.Array |
     # Explicit triplets: the triplet objectives' aux, frac_hard over the sampled triplets.
     return share, _common.triplet_aux(cos_ap, cos_an, per_triplet, valid, share, axis_name)
 
+
+# What each option accepts (checked by hnm.objectives.get / check_options before compiling).
+OPTION_SPECS: dict[str, dict[str, _checks.OptionSpec]] = {
+    "contrastive": dict(pos_margin=_checks.REAL, neg_margin=_checks.REAL,
+                        distance=_checks.choice(tuple(distances.SIMILARITIES)),
+                        normalize=_checks.BOOL),
+    "multi_similarity": dict(alpha=_checks.POSITIVE, beta=_checks.POSITIVE, base=_checks.REAL,
+                             epsilon=_checks.NON_NEGATIVE),
+    "supcon": dict(temperature=_checks.POSITIVE),
+    "distance_weighted": dict(cutoff=_checks.POSITIVE, nonzero_loss_cutoff=_checks.POSITIVE,
+                              margin=_checks.NON_NEGATIVE, beta=_checks.NON_NEGATIVE,
+                              loss=_checks.choice(DW_LOSSES)),
+}
 
 OBJECTIVES: dict[str, _common.Objective] = {
     "contrastive": contrastive,

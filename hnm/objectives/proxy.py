@@ -611,6 +611,22 @@ PARAMETRIC: dict[str, tuple[Callable[..., Params], Callable[..., tuple[jax.Array
     "soft_triple": (init_soft_triple, soft_triple),
     "sub_center_arcface": (init_sub_centers, sub_center_arcface),
 }
+_ARC_MARGIN = _checks.real(ge=0, le=math.pi / 2)   # radians
+# What each option accepts (validated by ``hnm.objectives.check_options`` / ``get``).
+OPTION_SPECS: dict[str, dict[str, _checks.OptionSpec]] = {
+    "proxy_nca": dict(temperature=_checks.POSITIVE),
+    "proxy_anchor": dict(alpha=_checks.POSITIVE, margin=_checks.NON_NEGATIVE),
+    "norm_softmax": dict(temperature=_checks.POSITIVE),
+    "arcface": dict(margin=_ARC_MARGIN, scale=_checks.POSITIVE),
+    "cosface": dict(margin=_checks.NON_NEGATIVE, scale=_checks.POSITIVE),
+    "sub_center_arcface": dict(margin=_ARC_MARGIN, scale=_checks.POSITIVE,
+                               sub_centers=_checks.integer(ge=1)),
+    "soft_triple": dict(centers_per_class=_checks.integer(ge=1), la=_checks.POSITIVE,
+                        gamma=_checks.POSITIVE, margin=_checks.NON_NEGATIVE,
+                        tau=_checks.NON_NEGATIVE),
+    "margin": dict(margin=_checks.NON_NEGATIVE, nu=_checks.NON_NEGATIVE,
+                   beta=_checks.POSITIVE),
+}
 # Call-time keywords of ``apply``, never bound as options.
 CALL_TIME = ("axis_name", "memory", "pos_mask", "neg_mask")
 

@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
 
+from hnm import _checks
 from hnm import distances
 from hnm.objectives import _relevance as rel
 
@@ -93,7 +94,7 @@ def smooth_ap(embeddings: ArrayLike, labels: ArrayLike | None = None,
               memory: Any = None, pos_mask: ArrayLike | None = None,
               neg_mask: ArrayLike | None = None, temperature: ArrayLike = 0.01,
               include_self: bool = False,
-              max_positives: int | None = None) -> tuple[jax.Array, Aux]:
+              max_positives: int = 0) -> tuple[jax.Array, Aux]:
     r"""Smooth-AP (Brown et al. 2020): AP with the rank indicator replaced by a sigmoid.
 
     For anchor a with positives :math:`P` and candidates :math:`\Omega` (its positives and
@@ -114,7 +115,7 @@ def smooth_ap(embeddings: ArrayLike, labels: ArrayLike | None = None,
     (slot k is each anchor's k-th positive by column), each step O(B M) and rematerialised
     in the backward pass. The number of slots is ``max_positives`` when given (static; an
     anchor with more positives uses its first ``max_positives``, and aux ``num_dropped``
-    counts the positives left out) else M (always exact). On a P x K batch
+    counts the positives left out); 0 (default) means M slots (always exact). On a P x K batch
     ``max_positives=K`` is exact (K - 1 positives, K with ``include_self``) and cheaper.
 
     Args:
@@ -122,7 +123,7 @@ def smooth_ap(embeddings: ArrayLike, labels: ArrayLike | None = None,
       pos_mask, neg_mask: see :mod:`hnm.objectives.tuples`.
       temperature: :math:`\tau > 0` (0.01, the paper's).
       include_self: rank the query itself (official code / PML semantics).
-      max_positives: number of positive slots scanned (static int), or None for all.
+      max_positives: number of positive slots scanned (static int >= 0; 0: all M).
 
     Returns:
       ``(loss, aux)``; ``num_valid`` counts anchors with a positive.
@@ -142,8 +143,8 @@ def smooth_ap(embeddings: ArrayLike, labels: ArrayLike | None = None,
     if include_self:
         own = rel.self_mask(num_rows, num_cols, pr.query_offset)
         pos, cand = pos | own, cand | own
-    slots = num_cols if max_positives is None else min(int(max_positives), num_cols)
-    _check_int(slots, "max_positives")
+    _check_int(max_positives, "max_positives", minimum=0)
+    slots = num_cols if max_positives == 0 else min(max_positives, num_cols)
     cols = jnp.arange(num_cols)
     # Column of each anchor's k-th positive, k < slots: top_k of -column over positives.
     key_cols = jnp.where(pos, -cols[None, :], -num_cols - 1)
@@ -263,6 +264,14 @@ def histogram(embeddings: ArrayLike, labels: ArrayLike | None = None,
     return share, rel.pair_aux(share, sim, pr.pos_mask, pr.neg_mask, num_valid=n_pos,
                                num_active=n_pos, num_units=n_pos, axis_name=axis_name)
 
+
+# What each option accepts (validated by ``hnm.objectives.check_options`` / ``get``).
+OPTION_SPECS: dict[str, dict[str, _checks.OptionSpec]] = {
+    "fast_ap": dict(num_bins=_checks.integer(ge=1)),
+    "smooth_ap": dict(temperature=_checks.POSITIVE, include_self=_checks.BOOL,
+                      max_positives=_checks.integer(ge=0)),
+    "histogram": dict(num_bins=_checks.integer(ge=1)),
+}
 
 OBJECTIVES = {
     "fast_ap": fast_ap,

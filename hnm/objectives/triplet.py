@@ -406,6 +406,22 @@ def batch_all(embeddings: ArrayLike, labels: ArrayLike, key: jax.Array | None = 
     return loss, _common.aux_from_stats(s)
 
 
+_DISTANCE = _checks.choice(tuple(distances.SIMILARITIES))
+_OFFICIAL = dict(temperature=_checks.POSITIVE, duplicate_threshold=_checks.REAL)
+# What each option accepts (checked by hnm.objectives.get / check_options before compiling).
+OPTION_SPECS: dict[str, dict[str, _checks.OptionSpec]] = {
+    "ephn": _OFFICIAL,
+    "epshn": _OFFICIAL,
+    "sct": dict(_OFFICIAL, hard_weight=_checks.NON_NEGATIVE, hard_threshold=_checks.REAL,
+                hard_rule=_checks.choice(losses.HARD_RULES),
+                normalization=_checks.choice(NORMALIZATIONS)),
+    "batch_hard": dict(margin=_checks.NON_NEGATIVE, distance=_DISTANCE, normalize=_checks.BOOL,
+                       soft=_checks.BOOL, reduction=_checks.choice(REDUCTIONS)),
+    "semihard": dict(margin=_checks.NON_NEGATIVE, distance=_DISTANCE, normalize=_checks.BOOL),
+    "batch_all": dict(margin=_checks.NON_NEGATIVE, distance=_DISTANCE, normalize=_checks.BOOL,
+                      reduction=_checks.choice(REDUCTIONS)),
+}
+
 OBJECTIVES: dict[str, _common.Objective] = {
     "batch_all": batch_all,
     "batch_hard": batch_hard,

@@ -30,12 +30,14 @@ References:
 """
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
 
+from hnm import _checks
 from hnm import distances
 from hnm.objectives import _relevance as rel
 
@@ -381,6 +383,16 @@ def tuplet_margin(embeddings: ArrayLike, labels: ArrayLike | None = None,
                               num_active=jnp.sum(per_pair > 0), num_units=num_pos,
                               axis_name=axis_name)
 
+
+# What each option accepts (validated by ``hnm.objectives.check_options`` / ``get``).
+OPTION_SPECS: dict[str, dict[str, _checks.OptionSpec]] = {
+    "circle": dict(m=_checks.REAL, gamma=_checks.POSITIVE),
+    "lifted_structure": dict(pos_margin=_checks.REAL, neg_margin=_checks.REAL),
+    "generalized_lifted_structure": dict(pos_margin=_checks.REAL, neg_margin=_checks.REAL),
+    "n_pairs": dict(normalize=_checks.BOOL),
+    "ntxent": dict(temperature=_checks.POSITIVE),
+    "tuplet_margin": dict(margin=_checks.real(ge=0, le=math.pi / 2), scale=_checks.POSITIVE),
+}
 
 OBJECTIVES = {
     "circle": circle,
