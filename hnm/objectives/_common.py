@@ -30,6 +30,8 @@ def prepare(embeddings: ArrayLike, labels: ArrayLike, normalize: bool,
             ) -> tuple[jax.Array, jax.Array, distances.ReferenceSet]:
     """Checks, optionally L2-normalises, and builds the (possibly global) reference set,
     followed by the memory rows (normalised like the batch) when a memory is given."""
+    # Values first, before jnp.asarray can wrap an int64 label into another class.
+    _checks.check_label_values(labels, "labels", reserved=distances.MASKED_LABEL)
     embeddings, labels = jnp.asarray(embeddings), jnp.asarray(labels)
     _checks.check_embeddings_and_labels(embeddings, labels)
     if normalize:
