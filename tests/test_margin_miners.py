@@ -86,10 +86,10 @@ class TripletMarginTest(parameterized.TestCase):
             np.testing.assert_array_equal(lower.negative, np.asarray(t.negative)[5:])
         with self.subTest("uniform"):
             anchor = int(np.argmax(num_valid))
+            keys = jax.random.split(jax.random.key(7), 400)
+            s = jax.vmap(lambda k: miners.sample_triplets(k, mask[anchor:anchor + 1], 1))(keys)
             counts = {}
-            for i in range(400):
-                s = miners.sample_triplets(jax.random.key(i), mask[anchor:anchor + 1], 1)
-                trip = (int(s.positive[0, 0]), int(s.negative[0, 0]))
+            for trip in zip(np.asarray(s.positive).ravel(), np.asarray(s.negative).ravel()):
                 counts[trip] = counts.get(trip, 0) + 1
             self.assertLen(counts, num_valid[anchor])
             expect = 400 / num_valid[anchor]

@@ -264,6 +264,44 @@ def case(name):
         return emb, ours(name, emb, LABELS, **OPTIONS[name])
 
 
+def check_memory(test, name):
+    """A half-full memory: the reference ranks against the batch and the memory rows;
+    empty slots take no part; no gradient flows into the memory."""
+    rng = np.random.default_rng(40)
+    emb, mem_emb = rng.normal(size=(B, D)), rng.normal(size=(8, D))
+    mem_labels = np.array([0, 1, 2, 3, 5, 0, 0, 0])
+    mem = memory_lib.init(8, D)
+    mem = memory_lib.enqueue(mem, jnp.asarray(mem_emb[:5], jnp.float32),
+                             jnp.asarray(mem_labels[:5]))
+    opts = OPTIONS[name]
+    with jax.enable_x64(True):
+        mem64 = mem._replace(embeddings=mem.embeddings.astype(jnp.float64))
+        loss, _, grad = ours(name, emb, LABELS, memory=mem64, **opts)
+    used = np.asarray(mem.embeddings[:5], np.float64)
+    want = reference(name, emb, LABELS, used, mem_labels[:5], **opts)
+    test.assertAlmostEqual(loss, want, places=9)
+    want_g = fd_grad(lambda e: reference(name, e, LABELS, used, mem_labels[:5],
+                                         frozen_emb=emb, **opts), emb)
+    np.testing.assert_allclose(grad, want_g, atol=1e-6)
+
+
+def check_masks(test, name):
+    """Multi-label: rows 0 and 1 also count as relevant to each other, rows 2 and 3 are
+    neither relevant nor irrelevant to each other; labels=None."""
+    pos, neg = masks_from_labels(LABELS, LABELS)
+    pos[0, 1] = pos[1, 0] = True
+    neg[0, 1] = neg[1, 0] = False
+    neg[2, 3] = neg[3, 2] = False
+    emb = np.random.default_rng(41).normal(size=(B, D))
+    opts = OPTIONS[name]
+    fn = objectives.get(name, **opts)
+    with jax.enable_x64(True):
+        loss, _ = jax.jit(lambda e, p, n: fn(e, None, pos_mask=p, neg_mask=n))(
+            jnp.asarray(emb), jnp.asarray(pos), jnp.asarray(neg))
+    want = reference(name, emb, LABELS, pos=pos, neg=neg, **opts)
+    test.assertAlmostEqual(float(loss), want, places=9)
+
+
 class ReferenceTest(parameterized.TestCase):
 
     @parameterized.parameters(*NAMES)
@@ -275,43 +313,13 @@ class ReferenceTest(parameterized.TestCase):
         want = fd_grad(lambda e: reference(name, e, LABELS, frozen_emb=emb, **opts), emb)
         np.testing.assert_allclose(grad, want, atol=1e-6)
 
-    @parameterized.parameters(*MASKED)
+    @parameterized.parameters("circle", "smooth_ap")
     def test_memory_rows_join_the_candidates(self, name):
-        """A half-full memory: the reference ranks against the batch and the memory rows;
-        empty slots take no part; no gradient flows into the memory."""
-        rng = np.random.default_rng(40)
-        emb, mem_emb = rng.normal(size=(B, D)), rng.normal(size=(8, D))
-        mem_labels = np.array([0, 1, 2, 3, 5, 0, 0, 0])
-        mem = memory_lib.init(8, D)
-        mem = memory_lib.enqueue(mem, jnp.asarray(mem_emb[:5], jnp.float32),
-                                 jnp.asarray(mem_labels[:5]))
-        opts = OPTIONS[name]
-        with jax.enable_x64(True):
-            mem64 = mem._replace(embeddings=mem.embeddings.astype(jnp.float64))
-            loss, _, grad = ours(name, emb, LABELS, memory=mem64, **opts)
-        used = np.asarray(mem.embeddings[:5], np.float64)
-        want = reference(name, emb, LABELS, used, mem_labels[:5], **opts)
-        self.assertAlmostEqual(loss, want, places=9)
-        want_g = fd_grad(lambda e: reference(name, e, LABELS, used, mem_labels[:5],
-                                             frozen_emb=emb, **opts), emb)
-        np.testing.assert_allclose(grad, want_g, atol=1e-6)
+        check_memory(self, name)
 
-    @parameterized.parameters(*MASKED)
+    @parameterized.parameters("ntxent", "fast_ap")
     def test_custom_relevance_masks(self, name):
-        """Multi-label: rows 0 and 1 also count as relevant to each other, row 2 and 3 are
-        neither relevant nor irrelevant to each other; labels=None."""
-        pos, neg = masks_from_labels(LABELS, LABELS)
-        pos[0, 1] = pos[1, 0] = True
-        neg[0, 1] = neg[1, 0] = False
-        neg[2, 3] = neg[3, 2] = False
-        emb = np.random.default_rng(41).normal(size=(B, D))
-        opts = OPTIONS[name]
-        fn = objectives.get(name, **opts)
-        with jax.enable_x64(True):
-            loss, _ = jax.jit(lambda e, p, n: fn(e, None, pos_mask=p, neg_mask=n))(
-                jnp.asarray(emb), jnp.asarray(pos), jnp.asarray(neg))
-        want = reference(name, emb, LABELS, pos=pos, neg=neg, **opts)
-        self.assertAlmostEqual(float(loss), want, places=9)
+        check_masks(self, name)
 
     def test_masks_equal_labels(self):
         pos, neg = masks_from_labels(LABELS, LABELS)
@@ -448,6 +456,20 @@ class PropertyTest(parameterized.TestCase):
 
 
 @pytest.mark.slow
+class MemoryAndMasksSlowTest(parameterized.TestCase):
+
+    @parameterized.parameters("ntxent", "tuplet_margin", "generalized_lifted_structure",
+                              "fast_ap")
+    def test_memory_rows_join_the_candidates(self, name):
+        check_memory(self, name)
+
+    @parameterized.parameters("circle", "tuplet_margin", "generalized_lifted_structure",
+                              "smooth_ap")
+    def test_custom_relevance_masks(self, name):
+        check_masks(self, name)
+
+
+@pytest.mark.slow
 class CheckGradsTest(parameterized.TestCase):
 
     @parameterized.parameters(*NAMES)
@@ -478,7 +500,7 @@ def check_pmap(test, name, local=2):
 
 class CrossDeviceTest(parameterized.TestCase):
 
-    @parameterized.parameters("lifted_structure", "n_pairs", "smooth_ap", "histogram")
+    @parameterized.parameters("lifted_structure", "histogram")
     def test_pmap_equals_single_device(self, name):
         check_pmap(self, name)
 
@@ -486,8 +508,8 @@ class CrossDeviceTest(parameterized.TestCase):
 @pytest.mark.slow
 class CrossDeviceSlowTest(parameterized.TestCase):
 
-    @parameterized.parameters("circle", "generalized_lifted_structure", "ntxent",
-                              "tuplet_margin", "fast_ap")
+    @parameterized.parameters("circle", "generalized_lifted_structure", "n_pairs", "ntxent",
+                              "tuplet_margin", "fast_ap", "smooth_ap")
     def test_pmap_equals_single_device(self, name):
         check_pmap(self, name)
 
