@@ -472,7 +472,10 @@ class MemoryAndMasksSlowTest(parameterized.TestCase):
 @pytest.mark.slow
 class CheckGradsTest(parameterized.TestCase):
 
-    @parameterized.parameters(*NAMES)
+    # Not circle: its weights alpha_p, alpha_n are detached (paper code, PML), so by design
+    # its gradient is not the derivative of its value; ReferenceTest checks it against finite
+    # differences of the reference with alpha frozen.
+    @parameterized.parameters(*(n for n in NAMES if n != "circle"))
     def test_check_grads(self, name):
         fn = objectives.get(name, **OPTIONS[name])
         labels = jnp.asarray(LABELS[:8])
