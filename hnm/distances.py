@@ -300,6 +300,7 @@ def reference_set(embeddings: jax.Array, labels: jax.Array,
                             f"{type(memory).__name__}.")
         mem_emb, mem_labels = jnp.asarray(memory.embeddings), jnp.asarray(memory.labels)
         _checks.check_floating_matrix(mem_emb, "memory.embeddings")
+        _checks.check_nonempty(mem_emb, "memory.embeddings", ("M (slots)", "D (columns)"))
         _checks.check_labels(mem_labels, "memory.labels", mem_emb.shape[0],
                              "memory.embeddings")
         if mem_emb.shape[1] != embeddings.shape[1]:

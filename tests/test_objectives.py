@@ -584,6 +584,41 @@ class RegistryAndErrorsTest(parameterized.TestCase):
                                            rtol=2e-3, atol=2e-5)
 
     @parameterized.parameters(*ALL_NAMES)
+    def test_non_finite_embeddings_give_a_nan_loss(self, name):
+        """One NaN or inf element: NaN loss and aux loss (masks would drop the row silently)."""
+        fn = jax.jit(objectives.get(name))
+        emb, labels = _problem(4)
+        key = jax.random.key(0)
+        self.assertTrue(np.isfinite(float(fn(emb, labels, key)[0])))
+        for bad in (np.nan, np.inf, -np.inf):
+            for row in (0, 7):
+                with self.subTest(bad=bad, row=row):
+                    poisoned = emb.copy()
+                    poisoned[row, 1] = bad
+                    loss, aux = fn(poisoned, labels, key)
+                    self.assertTrue(np.isnan(float(loss)))
+                    self.assertTrue(np.isnan(float(aux["loss"])))
+
+    @parameterized.parameters("sct", "supcon", "distance_weighted")
+    def test_non_finite_rows_poison_every_device_and_the_memory(self, name):
+        from hnm import memory as memory_lib
+        n_dev, local = 8, 3
+        emb, labels = _problem(5, "pk", b=n_dev * local, d=4)
+        emb[7, 0] = np.nan                                   # on device 2 only
+        sharded = objectives.get(name, axis_name="batch")
+        key = jax.random.key(0)
+        shares, aux = jax.pmap(lambda e, y: sharded(e, y, key), axis_name="batch")(
+            emb.reshape(n_dev, local, -1), labels.reshape(n_dev, local))
+        self.assertTrue(np.isnan(np.asarray(shares)).all())
+        self.assertTrue(np.isnan(np.asarray(aux["loss"])).all())
+        emb[7, 0] = 1.0
+        mem = memory_lib.enqueue(memory_lib.init(8, 4), emb[:4], labels[:4])
+        mem = memory_lib.Memory(mem.embeddings.at[1, 2].set(jnp.inf), mem.labels, mem.ptr)
+        fn = objectives.get(name)
+        self.assertTrue(np.isfinite(float(fn(emb, labels, key)[0])))
+        self.assertTrue(np.isnan(float(fn(emb, labels, key, memory=mem)[0])))
+
+    @parameterized.parameters(*ALL_NAMES)
     def test_empty_batch_and_dimension_name_the_argument(self, name):
         fn = objectives.get(name)
         key = jax.random.key(0)

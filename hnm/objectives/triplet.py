@@ -59,16 +59,17 @@ def _official_triplets(embeddings, labels, axis_name, miner, duplicate_threshold
     valid = t.valid & inside
     sim_ap = _common.row_similarity(emb, ref.embeddings, t.positive, "cosine")
     sim_an = _common.row_similarity(emb, ref.embeddings, t.negative, "cosine")
-    return sim_ap, sim_an, valid
+    return sim_ap, sim_an, valid, ref
 
 
 def _soft_objective(embeddings, labels, axis_name, miner, temperature, duplicate_threshold,
                     memory):
-    sim_ap, sim_an, valid = _official_triplets(embeddings, labels, axis_name, miner,
+    sim_ap, sim_an, valid, ref = _official_triplets(embeddings, labels, axis_name, miner,
                                                duplicate_threshold, memory)
     per_triplet = losses.soft_triplet_loss(sim_ap, sim_an, temperature=temperature)
     loss = _common.reduce(per_triplet, valid, "mean", axis_name)
-    return loss, _common.triplet_aux(sim_ap, sim_an, per_triplet, valid, loss, axis_name)
+    return _common.finish(loss, _common.triplet_aux(sim_ap, sim_an, per_triplet, valid, loss,
+                                                    axis_name), ref)
 
 
 def ephn(embeddings: ArrayLike, labels: ArrayLike, key: jax.Array | None = None, *,
@@ -202,7 +203,7 @@ def sct(embeddings: ArrayLike, labels: ArrayLike, key: jax.Array | None = None, 
     del key
     _checks.check_choice(hard_rule, "hard_rule", losses.HARD_RULES)
     _checks.check_choice(normalization, "normalization", NORMALIZATIONS)
-    sim_ap, sim_an, valid = _official_triplets(
+    sim_ap, sim_an, valid, ref = _official_triplets(
         embeddings, labels, axis_name, miners.mine_easy_positive_hard_negative,
         duplicate_threshold, memory)
     easy, hard = losses.sct_masks(sim_ap, sim_an, hard_threshold=hard_threshold,
@@ -218,7 +219,7 @@ def sct(embeddings: ArrayLike, labels: ArrayLike, key: jax.Array | None = None, 
                 + _common.reduce(per_triplet, hard, "mean", axis_name))
     aux = _common.triplet_aux(sim_ap, sim_an, per_triplet, valid, loss, axis_name,
                        num_easy=easy.sum(), num_hard=hard.sum())
-    return loss, aux
+    return _common.finish(loss, aux, ref)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -291,7 +292,8 @@ def batch_hard(embeddings: ArrayLike, labels: ArrayLike, key: jax.Array | None =
     else:
         per_triplet = losses.triplet_margin_loss(sim_ap, sim_an, margin=margin)
     loss = _common.reduce(per_triplet, t.valid, reduction, axis_name)
-    return loss, _common.triplet_aux(sim_ap, sim_an, per_triplet, t.valid, loss, axis_name)
+    return _common.finish(
+        loss, _common.triplet_aux(sim_ap, sim_an, per_triplet, t.valid, loss, axis_name), ref)
 
 
 def semihard(embeddings: ArrayLike, labels: ArrayLike, key: jax.Array | None = None, *,
@@ -342,7 +344,7 @@ def semihard(embeddings: ArrayLike, labels: ArrayLike, key: jax.Array | None = N
     s = _common.global_stats(axis_name, n=count, hard=jnp.sum(st.num_hard),
                       ap=jnp.sum(st.sum_sim_ap), an=jnp.sum(st.sum_sim_an),
                       active=jnp.sum(st.num_active), loss=loss)
-    return loss, _common.aux_from_stats(s)
+    return _common.finish(loss, _common.aux_from_stats(s), ref)
 
 
 def batch_all(embeddings: ArrayLike, labels: ArrayLike, key: jax.Array | None = None, *,
@@ -403,7 +405,7 @@ def batch_all(embeddings: ArrayLike, labels: ArrayLike, key: jax.Array | None = 
     s = _common.global_stats(axis_name, n=num_triplets, hard=jnp.sum(at.num_hard),
                       ap=jnp.sum(num_neg * sum_ap), an=jnp.sum(num_pos * sum_an),
                       active=jnp.sum(at.num_active), loss=loss)
-    return loss, _common.aux_from_stats(s)
+    return _common.finish(loss, _common.aux_from_stats(s), ref)
 
 
 _DISTANCE = _checks.choice(tuple(distances.SIMILARITIES))
