@@ -63,8 +63,11 @@ def pairs(embeddings: ArrayLike, labels: ArrayLike | None, *, normalize: bool,
 
     Either ``labels`` [B] or both ``pos_mask`` and ``neg_mask`` [B, M] must be given.
     """
+    if labels is not None:   # values first, before asarray can wrap an int64 label
+        _checks.check_label_values(labels, "labels", reserved=distances.MASKED_LABEL)
     embeddings = jnp.asarray(embeddings)
     _checks.check_floating_matrix(embeddings, "embeddings")
+    _checks.check_nonempty(embeddings, "embeddings", ("B (rows)", "D (columns)"))
     if (pos_mask is None) != (neg_mask is None):
         raise ValueError("pass both `pos_mask` and `neg_mask`, or neither.")
     custom = pos_mask is not None
@@ -85,6 +88,14 @@ def pairs(embeddings: ArrayLike, labels: ArrayLike | None, *, normalize: bool,
         return Pairs(emb, ref.embeddings, pos, neg & ~pos, ref.query_offset, None, None)
     pos, neg = distances.label_masks(labels, ref.labels, query_offset=ref.query_offset)
     return Pairs(emb, ref.embeddings, pos, neg, ref.query_offset, labels, ref.labels)
+
+
+def finish(loss: jax.Array, aux: Aux, pr: Pairs) -> tuple[jax.Array, Aux]:
+    """``(loss, aux)`` NaN when any reference row (every device's, the memory's) is non-finite,
+    as ``hnm.objectives._common.finish``: masks would otherwise drop a NaN row silently."""
+    finite = jnp.all(jnp.isfinite(pr.ref))
+    poison = jax.lax.stop_gradient(jnp.where(finite, 0.0, jnp.nan)).astype(loss.dtype)
+    return loss + poison, dict(aux, loss=aux["loss"] + poison.astype(aux["loss"].dtype))
 
 
 def masked_logsumexp(x: jax.Array, mask: jax.Array, *, axis: int = -1,

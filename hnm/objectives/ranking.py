@@ -82,10 +82,10 @@ def fast_ap(embeddings: ArrayLike, labels: ArrayLike | None = None,
     ap = jnp.sum(ratio, axis=1) / jnp.maximum(num_pos, 1)
     per_anchor = jnp.where(valid, 1.0 - ap, 0.0)
     loss = distances.global_mean_of(jnp.sum(per_anchor), jnp.sum(valid), axis_name)
-    return loss, rel.pair_aux(loss, pr.emb @ pr.ref.T, pr.pos_mask, pr.neg_mask,
+    return rel.finish(loss, rel.pair_aux(loss, pr.emb @ pr.ref.T, pr.pos_mask, pr.neg_mask,
                               num_valid=jnp.sum(valid),
                               num_active=jnp.sum(valid & (per_anchor > 0)),
-                              num_units=jnp.sum(valid), axis_name=axis_name)
+                              num_units=jnp.sum(valid), axis_name=axis_name), pr)
 
 
 # ------------------------------------------------------------------------ Smooth-AP
@@ -174,7 +174,7 @@ def smooth_ap(embeddings: ArrayLike, labels: ArrayLike | None = None,
                        num_units=jnp.sum(valid), axis_name=axis_name)
     dropped = jnp.sum(jnp.maximum(num_pos - slots, 0))
     aux["num_dropped"] = distances.global_sum(dropped, axis_name).astype(jnp.int32)
-    return loss, aux
+    return rel.finish(loss, aux, pr)
 
 
 # ------------------------------------------------------------------------ histogram
@@ -261,8 +261,8 @@ def histogram(embeddings: ArrayLike, labels: ArrayLike | None = None,
     loss = jnp.where((counts[0] > 0) & (counts[1] > 0), loss, 0.0)
     share = loss / rel.num_devices(axis_name)
     sim = jax.lax.stop_gradient(pr.emb @ pr.ref.T)
-    return share, rel.pair_aux(share, sim, pr.pos_mask, pr.neg_mask, num_valid=n_pos,
-                               num_active=n_pos, num_units=n_pos, axis_name=axis_name)
+    return rel.finish(share, rel.pair_aux(share, sim, pr.pos_mask, pr.neg_mask, num_valid=n_pos,
+                               num_active=n_pos, num_units=n_pos, axis_name=axis_name), pr)
 
 
 # What each option accepts (validated by ``hnm.objectives.check_options`` / ``get``).

@@ -92,9 +92,10 @@ def circle(embeddings: ArrayLike, labels: ArrayLike | None = None,
     per_anchor = jnp.where(valid, jax.nn.softplus(lse_p + lse_n), 0.0)
     active = valid & (per_anchor > 0)
     loss = distances.global_mean_of(jnp.sum(per_anchor), jnp.sum(active), axis_name)
-    return loss, rel.pair_aux(loss, stop, pr.pos_mask, pr.neg_mask, num_valid=jnp.sum(active),
-                              num_active=jnp.sum(active), num_units=jnp.sum(valid),
-                              axis_name=axis_name)
+    aux = rel.pair_aux(loss, stop, pr.pos_mask, pr.neg_mask, num_valid=jnp.sum(active),
+                       num_active=jnp.sum(active), num_units=jnp.sum(valid),
+                       axis_name=axis_name)
+    return rel.finish(loss, aux, pr)
 
 
 # ------------------------------------------------------------------ lifted structure
@@ -172,9 +173,9 @@ def lifted_structure(embeddings: ArrayLike, labels: ArrayLike | None = None,
     # PML: nothing without at least one positive and one negative pair in the batch.
     ok = _global_any(num_pos, axis_name) & _global_any(jnp.sum(pr.neg_mask), axis_name)
     loss = jnp.where(ok, distances.global_mean_of(jnp.sum(per_pair), num_pos, axis_name), 0.0)
-    return loss, rel.pair_aux(loss, pr.emb @ pr.ref.T, pr.pos_mask, pr.neg_mask,
+    return rel.finish(loss, rel.pair_aux(loss, pr.emb @ pr.ref.T, pr.pos_mask, pr.neg_mask,
                               num_valid=num_pos, num_active=jnp.sum(per_pair > 0),
-                              num_units=num_pos, axis_name=axis_name)
+                              num_units=num_pos, axis_name=axis_name), pr)
 
 
 def generalized_lifted_structure(embeddings: ArrayLike, labels: ArrayLike | None = None,
@@ -219,9 +220,9 @@ def generalized_lifted_structure(embeddings: ArrayLike, labels: ArrayLike | None
     loss = jnp.where(ok, distances.global_mean_of(jnp.sum(per_anchor), num_rows, axis_name),
                      0.0)
     active = jnp.sum(per_anchor > 0)
-    return loss, rel.pair_aux(loss, pr.emb @ pr.ref.T, pr.pos_mask, pr.neg_mask,
+    return rel.finish(loss, rel.pair_aux(loss, pr.emb @ pr.ref.T, pr.pos_mask, pr.neg_mask,
                               num_valid=active, num_active=active, num_units=num_rows,
-                              axis_name=axis_name)
+                              axis_name=axis_name), pr)
 
 
 # ------------------------------------------------------------------------- N-pairs
@@ -279,9 +280,9 @@ def n_pairs(embeddings: ArrayLike, labels: ArrayLike, key: jax.Array | None = No
                            - jnp.sum(jnp.where(target, sim, 0.0), axis=1), 0.0)
     loss = distances.global_mean_of(jnp.sum(per_anchor), jnp.sum(is_anchor), axis_name)
     n = jnp.sum(is_anchor)
-    return loss, rel.pair_aux(loss, sim, pr.pos_mask, pr.neg_mask, num_valid=n,
+    return rel.finish(loss, rel.pair_aux(loss, sim, pr.pos_mask, pr.neg_mask, num_valid=n,
                               num_active=jnp.sum(is_anchor & (per_anchor > 0)), num_units=n,
-                              axis_name=axis_name)
+                              axis_name=axis_name), pr)
 
 
 # -------------------------------------------------------------------------- NT-Xent
@@ -328,9 +329,9 @@ def ntxent(embeddings: ArrayLike, labels: ArrayLike | None = None,
     num_pos = jnp.sum(pr.pos_mask)
     ok = _global_any(num_pos, axis_name) & _global_any(jnp.sum(pr.neg_mask), axis_name)
     loss = jnp.where(ok, distances.global_mean_of(jnp.sum(per_pair), num_pos, axis_name), 0.0)
-    return loss, rel.pair_aux(loss, sim, pr.pos_mask, pr.neg_mask, num_valid=num_pos,
+    return rel.finish(loss, rel.pair_aux(loss, sim, pr.pos_mask, pr.neg_mask, num_valid=num_pos,
                               num_active=jnp.sum(pr.pos_mask & (per_pair > 0)),
-                              num_units=num_pos, axis_name=axis_name)
+                              num_units=num_pos, axis_name=axis_name), pr)
 
 
 # ------------------------------------------------------------------- tuplet margin
@@ -379,9 +380,9 @@ def tuplet_margin(embeddings: ArrayLike, labels: ArrayLike | None = None,
     num_pos = jnp.sum(pr.pos_mask)
     ok = _global_any(num_pos, axis_name) & _global_any(jnp.sum(pr.neg_mask), axis_name)
     loss = jnp.where(ok, distances.global_mean_of(jnp.sum(per_pair), num_pos, axis_name), 0.0)
-    return loss, rel.pair_aux(loss, sim, pr.pos_mask, pr.neg_mask, num_valid=num_pos,
+    return rel.finish(loss, rel.pair_aux(loss, sim, pr.pos_mask, pr.neg_mask, num_valid=num_pos,
                               num_active=jnp.sum(per_pair > 0), num_units=num_pos,
-                              axis_name=axis_name)
+                              axis_name=axis_name), pr)
 
 
 # What each option accepts (validated by ``hnm.objectives.check_options`` / ``get``).
