@@ -554,3 +554,197 @@ def mine_distance_weighted(key: jax.Array, dist: ArrayLike, labels: ArrayLike,
     anchor = jnp.broadcast_to(jnp.arange(dist.shape[0], dtype=jnp.int32)[:, None], dist.shape)
     positive = jnp.broadcast_to(jnp.arange(dist.shape[1], dtype=jnp.int32), dist.shape)
     return Triplets(anchor, positive, negative, pos_mask & has_neg[:, None])
+
+
+# ---------------------------------------------------------------------------------------------
+# Margin miners (PML's TripletMarginMiner, PairMarginMiner), top-k hardest negatives and
+# triplet subsampling. Every one also takes explicit relevance masks instead of labels.
+
+TRIPLET_KINDS = ("all", "hard", "semihard", "easy")
+
+
+def _relevance(sim: ArrayLike, labels: ArrayLike | None, ref_labels: ArrayLike | None,
+               query_offset: ArrayLike, pos_mask: ArrayLike | None,
+               neg_mask: ArrayLike | None) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Stopped ``sim`` and ``(pos, neg)`` [A, M]: from labels, or the caller's bool masks
+    (multi-label / hierarchies; the self-pair ``i + query_offset`` is removed from ``pos``)."""
+    if pos_mask is None and neg_mask is None:
+        if labels is None:
+            raise ValueError("`labels` is required unless `pos_mask` and `neg_mask` are given.")
+        return _prepare(sim, labels, ref_labels, query_offset)
+    if pos_mask is None or neg_mask is None:
+        raise ValueError("pass both `pos_mask` and `neg_mask`, or neither.")
+    sim = jnp.asarray(sim)
+    _checks.check_floating_matrix(sim, "sim")
+    masks = []
+    for mask, name in ((pos_mask, "pos_mask"), (neg_mask, "neg_mask")):
+        mask = jnp.asarray(mask)
+        if mask.shape != sim.shape:
+            raise ValueError(f"`{name}` must have the shape of `sim` {sim.shape}; got "
+                             f"{mask.shape}.")
+        if mask.dtype != jnp.bool_:
+            raise TypeError(f"`{name}` must be a bool array; got dtype {mask.dtype}.")
+        masks.append(mask)
+    rows = jnp.arange(sim.shape[0])[:, None] + query_offset
+    pos = masks[0] & (rows != jnp.arange(sim.shape[1])[None, :])
+    return jax.lax.stop_gradient(sim), pos, masks[1] & ~pos
+
+
+def triplet_margin_mask(sim: ArrayLike, labels: ArrayLike | None = None,
+                        ref_labels: ArrayLike | None = None, *, margin: ArrayLike = 0.2,
+                        kind: str = "all", query_offset: ArrayLike = 0,
+                        pos_mask: ArrayLike | None = None,
+                        neg_mask: ArrayLike | None = None) -> jax.Array:
+    r"""Every triplet (a, p, n) selected by PML's ``TripletMarginMiner``, as a dense mask.
+
+    With the triplet margin :math:`\mu = s_{ap} - s_{an}` (similarities; for a distance
+    :math:`d_{an} - d_{ap}`, the same number when ``sim = -d``):
+
+    * ``"all"``: :math:`\mu \le m` (the triplets violating the margin);
+    * ``"hard"``: :math:`\mu \le 0` (and :math:`\le m`): the negative is at least as close;
+    * ``"semihard"``: :math:`0 < \mu \le m`;
+    * ``"easy"``: :math:`\mu > m`.
+
+    Equal to ``TripletMarginMiner(margin, type_of_triplets=kind)`` with ``sim = -d`` for its
+    (non-inverted) distance d, or ``sim`` = its cosine similarity.
+
+    Args:
+      sim: [A, M] similarities (stopped here).
+      labels: [A]; ref_labels: [M] (default ``labels``); or ``pos_mask`` / ``neg_mask``.
+      margin: m.
+      kind: one of :data:`TRIPLET_KINDS` (static).
+      query_offset: row of anchor 0 in the reference set.
+      pos_mask, neg_mask: [A, M] bool relevance instead of labels.
+
+    Returns:
+      bool [A, M, M], ``[a, p, n]``. O(A M^2) memory: for mining-sized batches; reduce it
+      with :func:`sample_triplets` to fixed-size :class:`Triplets`.
+    """
+    _checks.check_choice(kind, "kind", TRIPLET_KINDS)
+    sim, pos, neg = _relevance(sim, labels, ref_labels, query_offset, pos_mask, neg_mask)
+    mu = sim[:, :, None] - sim[:, None, :]                 # [a, p, n] = s_ap - s_an
+    if kind == "easy":
+        keep = mu > margin
+    else:
+        keep = mu <= margin
+        if kind == "hard":
+            keep &= mu <= 0
+        elif kind == "semihard":
+            keep &= mu > 0
+    return keep & pos[:, :, None] & neg[:, None, :]
+
+
+def sample_triplets(key: jax.Array, triplet_mask: ArrayLike, triplets_per_anchor: int, *,
+                    query_offset: ArrayLike = 0) -> Triplets:
+    """Up to ``triplets_per_anchor`` triplets per anchor, drawn uniformly without replacement
+    from a dense ``[A, M, M]`` triplet mask (PML's ``triplets_per_anchor`` subsampling).
+
+    Gumbel top-k over each anchor's flattened valid entries; the noise of anchor row a comes
+    from ``fold_in(key, query_offset + a)``, so sharding the anchors over devices (same key
+    everywhere) draws what one device would. An anchor with fewer valid triplets than K gets
+    them all, the other slots ``valid == False``.
+
+    Args:
+      key: a PRNG key.
+      triplet_mask: bool [A, M, M] (e.g. :func:`triplet_margin_mask`).
+      triplets_per_anchor: K, a static int >= 1.
+      query_offset: global row of anchor 0.
+
+    Returns:
+      :class:`Triplets` with [A, K] fields.
+    """
+    mask = jnp.asarray(triplet_mask)
+    if mask.ndim != 3 or mask.shape[1] != mask.shape[2] or mask.dtype != jnp.bool_:
+        raise ValueError(f"`triplet_mask` must be bool [A, M, M]; got {mask.shape} "
+                         f"{mask.dtype}.")
+    k = triplets_per_anchor
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ValueError(f"`triplets_per_anchor` must be an int >= 1; got {k!r}.")
+    num_anchors, num_ref = mask.shape[0], mask.shape[1]
+    flat = mask.reshape(num_anchors, -1)
+    k = min(k, flat.shape[1])
+    rows = query_offset + jnp.arange(num_anchors)
+    noise = jax.vmap(lambda r: jax.random.gumbel(jax.random.fold_in(key, r), flat.shape[1:],
+                                                 jnp.float32))(rows)
+    score, idx = jax.lax.top_k(jnp.where(flat, noise, -jnp.inf), k)
+    anchor = jnp.broadcast_to(jnp.arange(num_anchors, dtype=jnp.int32)[:, None], idx.shape)
+    return Triplets(anchor, (idx // num_ref).astype(jnp.int32),
+                    (idx % num_ref).astype(jnp.int32), score > -jnp.inf)
+
+
+def mine_triplet_margin(key: jax.Array, sim: ArrayLike, labels: ArrayLike | None = None,
+                        ref_labels: ArrayLike | None = None, *, triplets_per_anchor: int,
+                        margin: ArrayLike = 0.2, kind: str = "all",
+                        query_offset: ArrayLike = 0, pos_mask: ArrayLike | None = None,
+                        neg_mask: ArrayLike | None = None) -> Triplets:
+    """:func:`triplet_margin_mask` subsampled to K triplets per anchor (:func:`sample_triplets`).
+
+    The fixed-shape counterpart of ``TripletMarginMiner``: ``t = mine_triplet_margin(key,
+    sim, labels, triplets_per_anchor=K)``, then ``gather_sims(sim, t)`` and a per-triplet
+    loss reduced with ``masked_mean(..., t.valid)``.
+
+    Returns:
+      :class:`Triplets` with [A, K] fields.
+    """
+    mask = triplet_margin_mask(sim, labels, ref_labels, margin=margin, kind=kind,
+                               query_offset=query_offset, pos_mask=pos_mask, neg_mask=neg_mask)
+    return sample_triplets(key, mask, triplets_per_anchor, query_offset=query_offset)
+
+
+def mine_pair_margin(sim: ArrayLike, labels: ArrayLike | None = None,
+                     ref_labels: ArrayLike | None = None, *, pos_margin: ArrayLike = 0.8,
+                     neg_margin: ArrayLike = 0.2, query_offset: ArrayLike = 0,
+                     pos_mask: ArrayLike | None = None,
+                     neg_mask: ArrayLike | None = None) -> tuple[jax.Array, jax.Array]:
+    r"""The pairs that violate their margin (PML's ``PairMarginMiner``), as [A, M] masks.
+
+    In similarities: positives with :math:`s_{ap} < m_+` (not close enough) and negatives
+    with :math:`s_{an} > m_-` (too close). For PML with a distance d (``sim = -d``):
+    ``PairMarginMiner(pos_margin=a, neg_margin=b)`` is ``pos_margin=-a, neg_margin=-b``
+    here; with its cosine similarity the margins are the same numbers.
+
+    Args:
+      sim: [A, M] similarities (stopped here).
+      labels, ref_labels, query_offset, pos_mask, neg_mask: as :func:`triplet_margin_mask`.
+      pos_margin: :math:`m_+`, in similarity units.
+      neg_margin: :math:`m_-`, in similarity units.
+
+    Returns:
+      ``(pos_keep, neg_keep)``: bool [A, M].
+    """
+    sim, pos, neg = _relevance(sim, labels, ref_labels, query_offset, pos_mask, neg_mask)
+    return pos & (sim < pos_margin), neg & (sim > neg_margin)
+
+
+def mine_hardest_negatives(sim: ArrayLike, labels: ArrayLike | None = None,
+                           ref_labels: ArrayLike | None = None, *, k: int,
+                           query_offset: ArrayLike = 0, positive: str = "hardest",
+                           pos_mask: ArrayLike | None = None,
+                           neg_mask: ArrayLike | None = None) -> Triplets:
+    """The k most similar negatives of each anchor, each with one positive: [A, K] triplets.
+
+    ``positive="hardest"`` pairs them with the least similar positive (batch-hard),
+    ``"easiest"`` with the most similar one (easy-positive mining, no duplicate cut).
+    Ties go to the first index (``lax.top_k``). Slot j is valid when the anchor has a
+    positive and at least j + 1 negatives.
+
+    Args:
+      sim: [A, M] similarities (stopped here).
+      labels, ref_labels, query_offset, pos_mask, neg_mask: as :func:`triplet_margin_mask`.
+      k: K >= 1 (static).
+      positive: ``"hardest"`` or ``"easiest"`` (static).
+
+    Returns:
+      :class:`Triplets` with [A, K] fields; negatives in decreasing similarity.
+    """
+    _checks.check_choice(positive, "positive", ("hardest", "easiest"))
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ValueError(f"`k` must be an int >= 1; got {k!r}.")
+    sim, pos, neg = _relevance(sim, labels, ref_labels, query_offset, pos_mask, neg_mask)
+    k = min(k, sim.shape[1])
+    p_idx, _, has_pos = _masked_argmax(-sim if positive == "hardest" else sim, pos)
+    values, n_idx = jax.lax.top_k(jnp.where(neg, sim, -jnp.inf), k)
+    shape = n_idx.shape
+    return Triplets(jnp.broadcast_to(_anchors(sim)[:, None], shape),
+                    jnp.broadcast_to(p_idx[:, None], shape), n_idx.astype(jnp.int32),
+                    has_pos[:, None] & (values > -jnp.inf))

@@ -26,11 +26,20 @@ def test_every_objective_is_registered_and_gives_a_finite_loss_with_a_gradient()
     import hnm
     assert hnm.objectives.names() == sorted(
         ["batch_all", "batch_hard", "contrastive", "distance_weighted", "ephn", "epshn",
-         "multi_similarity", "sct", "semihard", "supcon"])
+         "multi_similarity", "sct", "semihard", "supcon",
+         "circle", "lifted_structure", "generalized_lifted_structure", "n_pairs", "ntxent",
+         "tuplet_margin", "fast_ap", "smooth_ap", "histogram",
+         "proxy_nca", "proxy_anchor", "norm_softmax", "arcface", "cosface",
+         "sub_center_arcface", "soft_triple", "margin"])
     emb = jax.random.normal(jax.random.key(0), (16, 8))
     labels = jnp.repeat(jnp.arange(8), 2)
     for name in hnm.objectives.names():
-        fn = hnm.objectives.get(name)
+        obj = hnm.objectives.get(name)
+        if hnm.objectives.is_parametric(name):
+            params = obj.init(jax.random.key(2), 8, 8)
+            fn = lambda e, l, k, obj=obj, params=params: obj.apply(params, e, l, k)  # noqa: E731
+        else:
+            fn = obj
         loss, aux = fn(emb, labels, jax.random.key(1))
         grad = jax.grad(lambda e: fn(e, labels, jax.random.key(1))[0])(emb)
         assert loss.shape == () and bool(jnp.isfinite(loss)), name

@@ -15,6 +15,13 @@ Layout:
   ``batch_hard``, ``semihard``, ``batch_all`` (hinge recipes);
 * :mod:`hnm.objectives.pair`: ``contrastive``, ``multi_similarity``, ``supcon``,
   ``distance_weighted``;
+* :mod:`hnm.objectives.tuples`: ``circle``, ``lifted_structure``,
+  ``generalized_lifted_structure``, ``n_pairs``, ``ntxent``, ``tuplet_margin``;
+* :mod:`hnm.objectives.ranking`: ``fast_ap``, ``smooth_ap``, ``histogram``;
+* :mod:`hnm.objectives.proxy`: the *parametric* objectives ``proxy_nca``, ``proxy_anchor``,
+  ``norm_softmax``, ``arcface``, ``cosface``, ``sub_center_arcface``, ``soft_triple``,
+  ``margin``, for which :func:`get` returns a :class:`~hnm.objectives.proxy.
+  ParametricObjective` ``(init, apply)`` instead of a function (:func:`is_parametric`);
 * ``_common.py`` (private): input checks and normalisation, the similarity kernels (from
   the one registry :data:`hnm.distances.SIMILARITIES`), global statistics, the aux dict and
   the reductions shared by both.
@@ -77,37 +84,58 @@ from typing import Any, Mapping
 from hnm import _checks
 from hnm.objectives import _common
 from hnm.objectives import pair
+from hnm.objectives import proxy
+from hnm.objectives import ranking
 from hnm.objectives import triplet
+from hnm.objectives import tuples
 from hnm.objectives.pair import contrastive, distance_weighted, multi_similarity, supcon
+from hnm.objectives.ranking import fast_ap, histogram, smooth_ap
 from hnm.objectives.triplet import batch_all, batch_hard, ephn, epshn, sct, semihard
+from hnm.objectives.tuples import (circle, generalized_lifted_structure, lifted_structure,
+                                   n_pairs, ntxent, tuplet_margin)
 
 Aux = _common.Aux
 Objective = _common.Objective
 # Keyword arguments given per call (or by ``get`` itself), never bound as options.
-CALL_TIME = ("axis_name", "memory")
+CALL_TIME = ("axis_name", "memory", "pos_mask", "neg_mask")
 
-OBJECTIVES: dict[str, Objective] = dict(sorted({**triplet.OBJECTIVES,
-                                                **pair.OBJECTIVES}.items()))
+OBJECTIVES: dict[str, Objective] = dict(sorted({**triplet.OBJECTIVES, **pair.OBJECTIVES,
+                                                **tuples.OBJECTIVES,
+                                                **ranking.OBJECTIVES}.items()))
 # What each option of each objective accepts: {name: {option: OptionSpec}}.
-OPTION_SPECS: dict[str, dict[str, _checks.OptionSpec]] = {**triplet.OPTION_SPECS,
-                                                          **pair.OPTION_SPECS}
-# Objectives with learnable parameters of their own (proxies, class centres): none yet.
-PARAMETRIC: frozenset[str] = frozenset()
+OPTION_SPECS: dict[str, dict[str, _checks.OptionSpec]] = {
+    **triplet.OPTION_SPECS, **pair.OPTION_SPECS, **tuples.OPTION_SPECS,
+    **ranking.OPTION_SPECS, **proxy.OPTION_SPECS}
+# Objectives with learnable parameters of their own (proxies, class centres, beta).
+PARAMETRIC: frozenset[str] = frozenset(proxy.PARAMETRIC)
+ParametricObjective = proxy.ParametricObjective
 
 __all__ = ["Aux", "CALL_TIME", "OBJECTIVES", "OPTION_SPECS", "Objective", "PARAMETRIC",
-           "check_options", "get", "is_parametric", "names", "options", "pair", "triplet",
-           *OBJECTIVES]
+           "ParametricObjective", "check_options", "get", "is_parametric", "names",
+           "options", "pair", "proxy", "ranking", "triplet", "tuples", *OBJECTIVES]
 
 
 def names() -> list[str]:
-    """Sorted names of every objective (triplet and pair)."""
-    return list(OBJECTIVES)
+    """Sorted names of every objective (parameter-free and parametric)."""
+    return sorted([*OBJECTIVES, *proxy.PARAMETRIC])
+
+
+def is_parametric(name: str) -> bool:
+    """Whether objective ``name`` has learnable parameters (:func:`get` then returns a
+    :class:`ParametricObjective` with ``init`` and ``apply``).
+
+    Examples:
+      >>> is_parametric("proxy_anchor"), is_parametric("sct")
+      (True, False)
+    """
+    _lookup(name)
+    return name in PARAMETRIC
 
 
 def _lookup(name: str) -> Objective:
-    if not isinstance(name, str) or name not in OBJECTIVES:
+    if not isinstance(name, str) or name not in names():
         raise ValueError(f"unknown objective `name`={name!r}; expected one of {names()}.")
-    return OBJECTIVES[name]
+    return OBJECTIVES.get(name) or proxy.PARAMETRIC[name][1]
 
 
 def options(name: str) -> dict[str, Any]:
@@ -118,14 +146,10 @@ def options(name: str) -> dict[str, Any]:
       {'temperature': 0.1}
     """
     fn = _lookup(name)
+    if name in proxy.PARAMETRIC:   # the options of both init and apply
+        return proxy.options(name)
     return {p.name: p.default for p in inspect.signature(fn).parameters.values()
             if p.kind is inspect.Parameter.KEYWORD_ONLY and p.name not in CALL_TIME}
-
-
-def is_parametric(name: str) -> bool:
-    """Whether objective ``name`` has learnable parameters of its own (none do yet)."""
-    _lookup(name)
-    return name in PARAMETRIC
 
 
 def check_options(name: str, opts: Mapping[str, Any]) -> None:
@@ -170,7 +194,11 @@ def get(name: str, *, axis_name: str | None = None, **opts: Any) -> Objective:
         :func:`check_options`.
 
     Returns:
-      A pure function, ready for ``jax.jit`` / ``jax.grad``.
+      A pure function, ready for ``jax.jit`` / ``jax.grad``; for a parametric objective
+      (:func:`is_parametric`) a :class:`ParametricObjective` ``(name, init, apply)``:
+      ``params = obj.init(key, num_classes, dim)``, ``loss, aux = obj.apply(params,
+      embeddings, labels, key=None, *, axis_name=None, memory=None)`` (``axis_name`` given
+      here is its default).
 
     Raises:
       ValueError, TypeError: see :func:`check_options`.
@@ -183,4 +211,6 @@ def get(name: str, *, axis_name: str | None = None, **opts: Any) -> Objective:
       (0.25, 4)
     """
     check_options(name, opts)
+    if is_parametric(name):   # ``init(key, num_classes, dim)``, ``apply(params, emb, ...)``
+        return proxy.bind(name, axis_name=axis_name, **opts)
     return functools.partial(_lookup(name), axis_name=axis_name, **opts)
