@@ -10,7 +10,7 @@ Training (``hnm.train``), data (``hnm.data``), checkpoints (``hnm.checkpoint``),
 (``hnm.plots``) and the command line (``hnm.cli``) are imported explicitly by those who need
 them.
 """
-from hnm import analysis, distances, losses, metrics, miners, objectives, pair_losses
+from hnm import analysis, distances, losses, metrics, miners, objectives
 
 __version__ = "0.1.0"
-__all__ = ["analysis", "distances", "losses", "metrics", "miners", "objectives", "pair_losses"]
+__all__ = ["analysis", "distances", "losses", "metrics", "miners", "objectives"]

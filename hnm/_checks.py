@@ -6,9 +6,13 @@ broadcasting error three calls deeper (optax's ``check_rank`` idea).
 """
 from __future__ import annotations
 
-from typing import Any
+import math
+import numbers
+from typing import Any, NamedTuple
 
+import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 def _describe(x: Any) -> str:
@@ -60,3 +64,116 @@ def check_same_shape(a: Any, b: Any, name_a: str, name_b: str) -> None:
         dtype = getattr(x, "dtype", None)
         if dtype is not None and not jnp.issubdtype(dtype, jnp.floating):
             raise TypeError(f"`{n}` must have a floating dtype; got {_describe(x)}.")
+
+
+def check_choice(value: Any, name: str, choices: tuple[str, ...]) -> None:
+    """Raises ``ValueError`` naming ``name`` unless ``value`` is one of ``choices``."""
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError(f"unknown `{name}`={value!r}; expected one of {tuple(choices)}.")
+
+
+# ---------------------------------------------------------------------------------------------
+# Options (hyperparameters) of the objectives: one declarative spec per option.
+
+
+class OptionSpec(NamedTuple):
+    """What values an option accepts.
+
+    Attributes:
+      kind: ``"real"`` (a finite real number, not a bool), ``"int"`` (an integer, not a
+        bool), ``"bool"`` or ``"choice"`` (one of ``choices``, a string).
+      low: lower bound of a ``"real"`` / ``"int"``, or None.
+      low_open: the bound is strict (``> low``) rather than ``>= low``.
+      high: upper bound (inclusive), or None.
+      choices: the valid strings of a ``"choice"``.
+    """
+    kind: str
+    low: float | None = None
+    low_open: bool = False
+    high: float | None = None
+    choices: tuple[str, ...] = ()
+
+    def describe(self) -> str:
+        """A short human phrase: ``"a real number > 0"``, ``"one of ('or', 'and')"``."""
+        if self.kind == "choice":
+            return f"one of {self.choices}"
+        if self.kind == "bool":
+            return "a bool"
+        text = "a real number" if self.kind == "real" else "an integer"
+        if self.low is not None:
+            text += f" {'>' if self.low_open else '>='} {self.low:g}"
+        if self.high is not None:
+            text += f"{' and' if self.low is not None else ''} <= {self.high:g}"
+        return text
+
+
+def real(*, gt: float | None = None, ge: float | None = None,
+         le: float | None = None) -> OptionSpec:
+    """Spec of a finite real option, optionally bounded (``gt``: >, ``ge``: >=, ``le``: <=)."""
+    if gt is not None and ge is not None:
+        raise ValueError("give at most one of `gt` and `ge`.")
+    return OptionSpec("real", gt if gt is not None else ge, gt is not None, le)
+
+
+def integer(*, ge: int | None = None, le: int | None = None) -> OptionSpec:
+    """Spec of an integer option (bools are not integers here), optionally bounded."""
+    return OptionSpec("int", ge, False, le)
+
+
+def choice(choices: tuple[str, ...]) -> OptionSpec:
+    """Spec of a string option with a fixed set of values."""
+    return OptionSpec("choice", choices=tuple(choices))
+
+
+BOOL = OptionSpec("bool")
+REAL = real()
+POSITIVE = real(gt=0)
+NON_NEGATIVE = real(ge=0)
+
+
+def check_option(value: Any, name: str, spec: OptionSpec, where: str = "") -> None:
+    """Raises ``TypeError`` / ``ValueError`` naming option ``name`` and ``value`` unless the
+    value fits ``spec``.
+
+    Arrays (``jax.Array``, traced or not, and NumPy arrays) are schedulable values: only their
+    dtype is checked, never their values (a traced value has none at trace time).
+
+    Args:
+      value: the option's value.
+      name: the option's name, for the message.
+      spec: an :class:`OptionSpec`.
+      where: appended to the name in the message, e.g. ``" of objective 'sct'"``.
+    """
+    label = f"`{name}`{where}"
+    if isinstance(value, (jax.Array, np.ndarray)):
+        dtype = value.dtype
+        numeric = (jnp.issubdtype(dtype, jnp.integer) or jnp.issubdtype(dtype, jnp.floating))
+        ok = {"real": numeric, "int": jnp.issubdtype(dtype, jnp.integer),
+              "bool": dtype == jnp.bool_, "choice": False}[spec.kind]
+        if not ok:
+            raise TypeError(f"{label} must be {spec.describe()}; got an array of dtype {dtype}.")
+        return
+    if spec.kind == "choice":
+        if not isinstance(value, str) or value not in spec.choices:
+            raise ValueError(f"{label} must be {spec.describe()}; got {value!r}.")
+        return
+    if spec.kind == "bool":
+        if not isinstance(value, (bool, np.bool_)):
+            raise TypeError(f"{label} must be a bool (True or False); got {value!r} "
+                            f"({type(value).__name__}).")
+        return
+    wanted = numbers.Integral if spec.kind == "int" else numbers.Real
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, wanted):
+        raise TypeError(f"{label} must be {spec.describe()}; got {value!r} "
+                        f"({type(value).__name__}).")
+    if not math.isfinite(value):
+        raise ValueError(f"{label} must be finite; got {value!r}.")
+    too_low = spec.low is not None and (value <= spec.low if spec.low_open else value < spec.low)
+    too_high = spec.high is not None and value > spec.high
+    if too_low or too_high:
+        raise ValueError(f"{label} must be {spec.describe()}; got {value!r}.")
+
+
+def check_positive(value: Any, name: str) -> None:
+    """``value > 0`` for a Python / NumPy number; arrays (possibly traced) pass unchecked."""
+    check_option(value, name, POSITIVE)

@@ -10,7 +10,7 @@ embeddings (the square root gets a floor, the normaliser divides by ``max(norm, 
 """
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -117,19 +117,76 @@ def negative_squared_euclidean(x: ArrayLike, y: ArrayLike | None = None) -> jax.
     return -squared_euclidean_distance(x, y)
 
 
-SIMILARITIES = {
-    "cosine": cosine_similarity,
-    "dot": dot_similarity,
-    "euclidean": negative_euclidean,
-    "squared_euclidean": negative_squared_euclidean,
+def _rowwise_dot(x: jax.Array, y: jax.Array) -> jax.Array:
+    return jnp.sum(x * y, axis=-1)
+
+
+def _rowwise_cosine(x: jax.Array, y: jax.Array) -> jax.Array:
+    return jnp.sum(l2_normalize(x) * l2_normalize(y), axis=-1)
+
+
+def _rowwise_neg_sq(x: jax.Array, y: jax.Array) -> jax.Array:
+    return -jnp.sum(jnp.square(x - y), axis=-1)
+
+
+def _rowwise_neg_euclidean(x: jax.Array, y: jax.Array) -> jax.Array:
+    return -safe_sqrt(jnp.sum(jnp.square(x - y), axis=-1))
+
+
+class Similarity(NamedTuple):
+    """One entry of :data:`SIMILARITIES`: a similarity and what callers need to know of it.
+
+    Attributes:
+      matrix: ``(x [N, D], y [M, D] | None) -> sim [N, M]``, larger means closer.
+      rowwise: ``(x [A, D], y [A, D]) -> sim [A]`` of matched rows ``x[i]``, ``y[i]``: O(A D)
+        with an O(A D) backward pass, for recomputing only the chosen pairs of a miner.
+      negated_distance: ``sim = -dist`` (the Euclidean kinds): a margin is in distance units
+        and a hinge on a distance is ``[d - m]_+`` (pytorch-metric-learning's non-inverted
+        distances).
+      unit_rows: the similarity L2-normalises its inputs itself (cosine). A caller that has
+        already normalised its rows gets the same values from the ``"dot"`` entry, cheaper.
+      cosine_of_unit: maps the similarity of two *unit* vectors to their cosine
+        (``d^2 = 2 - 2 cos``), for statistics reported in cosine whatever the similarity.
+    """
+    matrix: Callable[..., jax.Array]
+    rowwise: Callable[[jax.Array, jax.Array], jax.Array]
+    negated_distance: bool
+    unit_rows: bool
+    cosine_of_unit: Callable[[jax.Array], jax.Array]
+
+
+# The one registry of similarity names (objectives' ``distance=``, retrieval metrics'
+# ``similarity=``): every other module looks names up here.
+SIMILARITIES: dict[str, Similarity] = {
+    "cosine": Similarity(cosine_similarity, _rowwise_cosine, False, True, lambda s: s),
+    "dot": Similarity(dot_similarity, _rowwise_dot, False, False, lambda s: s),
+    "euclidean": Similarity(negative_euclidean, _rowwise_neg_euclidean, True, False,
+                            lambda s: 1.0 - 0.5 * s * s),
+    "squared_euclidean": Similarity(negative_squared_euclidean, _rowwise_neg_sq, True, False,
+                                    lambda s: 1.0 + 0.5 * s),
 }
 
 
-def get_similarity(name: str):
-    """Looks a similarity up by name (``"cosine"``, ``"dot"``, ``"euclidean"``, ...)."""
-    if name not in SIMILARITIES:
-        raise ValueError(f"unknown `distance`={name!r}; expected one of {sorted(SIMILARITIES)}.")
+def similarity(name: str, argument: str = "distance") -> Similarity:
+    """The registry entry :class:`Similarity` of ``name``.
+
+    Raises:
+      ValueError: ``name`` is not a key of :data:`SIMILARITIES`; the message names
+        ``argument`` (the caller's keyword) and lists the valid names.
+
+    Examples:
+      >>> similarity("euclidean").negated_distance
+      True
+    """
+    if not isinstance(name, str) or name not in SIMILARITIES:
+        raise ValueError(f"unknown `{argument}`={name!r}; expected one of "
+                         f"{sorted(SIMILARITIES)}.")
     return SIMILARITIES[name]
+
+
+def get_similarity(name: str) -> Callable[..., jax.Array]:
+    """The pairwise similarity function called ``name`` (``"cosine"``, ``"dot"``, ...)."""
+    return similarity(name).matrix
 
 
 def label_masks(labels: ArrayLike, ref_labels: ArrayLike | None = None, *,

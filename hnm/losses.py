@@ -95,12 +95,8 @@ def soft_triplet_loss(sim_ap: ArrayLike, sim_an: ArrayLike,
       Hermans, Beyer, Leibe. In Defense of the Triplet Loss. 2017.
     """
     sim_ap, sim_an = _pair(sim_ap, sim_an)
+    _checks.check_positive(temperature, "temperature")
     return jax.nn.softplus((sim_an - sim_ap) / temperature)
-
-
-def _check_hard_rule(hard_rule: str) -> None:
-    if hard_rule not in HARD_RULES:
-        raise ValueError(f"unknown `hard_rule`={hard_rule!r}; expected one of {HARD_RULES}.")
 
 
 def sct_masks(sim_ap: ArrayLike, sim_an: ArrayLike, *,
@@ -138,7 +134,7 @@ def sct_masks(sim_ap: ArrayLike, sim_an: ArrayLike, *,
       >>> easy.tolist(), hard.tolist()
       ([True, False, False, False], [False, False, True, True])
     """
-    _check_hard_rule(hard_rule)
+    _checks.check_choice(hard_rule, "hard_rule", HARD_RULES)
     sim_ap, sim_an = _pair(sim_ap, sim_an)
     # The sets are a choice, not a function to differentiate.
     sim_ap, sim_an = jax.lax.stop_gradient(sim_ap), jax.lax.stop_gradient(sim_an)
@@ -180,7 +176,8 @@ def sct_loss(sim_ap: ArrayLike, sim_an: ArrayLike, temperature: ArrayLike = TEMP
       Per-triplet loss, shaped like ``sim_ap``.
 
     Raises:
-      ValueError, TypeError: for an unknown ``hard_rule``, mismatched shapes or non-floats.
+      ValueError, TypeError: for an unknown ``hard_rule``, a Python ``temperature`` <= 0,
+        mismatched shapes or non-floats.
 
     Examples:
       >>> loss = sct_loss(jnp.array([0.5, 0.5, 0.5]), jnp.array([0.25, 0.5, 0.75]))
@@ -193,6 +190,7 @@ def sct_loss(sim_ap: ArrayLike, sim_an: ArrayLike, temperature: ArrayLike = TEMP
     easy, hard = sct_masks(sim_ap, sim_an, hard_threshold=hard_threshold,
                            hard_rule=hard_rule)
     sim_ap, sim_an = _pair(sim_ap, sim_an)
+    _checks.check_positive(temperature, "temperature")
     easy_loss = jax.nn.softplus((sim_an - sim_ap) / temperature)
     return jnp.where(easy, easy_loss, jnp.where(hard, hard_weight * sim_an, 0.0))
 

@@ -138,7 +138,7 @@ def masked(memory: Memory, active: ArrayLike) -> Memory:
     """
     labels = jnp.where(jnp.asarray(active), memory.labels, MASKED_LABEL).astype(
         memory.labels.dtype)
-    return memory._replace(labels=labels)
+    return Memory(memory.embeddings, labels, memory.ptr)
 
 
 def fill_fraction(memory: Memory) -> jax.Array:

@@ -38,12 +38,12 @@ import numpy as np
 from jax.typing import ArrayLike
 
 from hnm import _checks
-from hnm.distances import l2_normalize
+from hnm.distances import SIMILARITIES, l2_normalize
 
 DEFAULT_RECALL_KS = (1, 2, 4, 8)
 # Similarities the blocked search knows. "euclidean" and "squared_euclidean" both rank by
 # -||q - g||^2, which orders the gallery exactly as -||q - g|| does.
-RETRIEVAL_SIMILARITIES = ("cosine", "dot", "euclidean", "squared_euclidean")
+RETRIEVAL_SIMILARITIES = tuple(SIMILARITIES)  # the one registry, hnm.distances
 # Default block shape: 1024 queries x ~8192 gallery rows (32 MiB of float32 similarities)
 # measured fastest on a 2-core CPU for D = 512 (matmul-bound; faiss uses similar blocks).
 DEFAULT_QUERY_BLOCK = 1024

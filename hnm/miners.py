@@ -13,11 +13,18 @@ Miners *choose*; they never differentiate the choice. Each one looks at
 Padding rows (``valid == False``) hold in-range indices (the ``argmax`` of an all-masked row is
 0), so gathers never go out of bounds; their values are garbage and must be masked.
 
+Besides the per-anchor triplet miners: :func:`mine_multi_similarity` (pair masks, Wang et al.)
+and distance-weighted sampling (:func:`distance_weighted_log_weights`,
+:func:`sample_distance_weighted`, :func:`mine_distance_weighted`; Wu et al.), whose sampling
+takes ``key`` first, like ``jax.random``.
+
 References:
   Hermans, Beyer, Leibe. In Defense of the Triplet Loss for Person Re-Identification. 2017.
   Schroff, Kalenichenko, Philbin. FaceNet. CVPR 2015 (semi-hard negatives).
   Xuan, Stylianou, Liu, Pless. Hard Negative Examples are Hard, but Useful. ECCV 2020
   (easy-positive / hard-negative mining; official code ``littleredxh/HardNegative``).
+  Wang, Han, Huang, Dong, Scott. Multi-Similarity Loss with General Pair Weighting. CVPR 2019.
+  Wu, Manmatha, Smola, Krähenbühl. Sampling Matters in Deep Embedding Learning. ICCV 2017.
 """
 from __future__ import annotations
 
@@ -375,3 +382,175 @@ def gather_sims(sim: ArrayLike, t: Triplets) -> tuple[jax.Array, jax.Array]:
     sim = jnp.asarray(sim)
     _checks.check_floating_matrix(sim, "sim")
     return sim[t.anchor, t.positive], sim[t.anchor, t.negative]
+
+
+# ------------------------------------------------------------------ pair mining
+def mine_multi_similarity(sim: ArrayLike, labels: ArrayLike,
+                          ref_labels: ArrayLike | None = None, *,
+                          query_offset: ArrayLike = 0,
+                          epsilon: ArrayLike = 0.1) -> tuple[jax.Array, jax.Array]:
+    r"""Multi-similarity pair mining (Wang et al.), as PML's ``MultiSimilarityMiner``.
+
+    On a stopped-gradient similarity, a positive pair is kept when it is less similar than
+    the anchor's most similar negative plus :math:`\epsilon`, a negative pair when it is
+    more similar than the anchor's least similar positive minus :math:`\epsilon`:
+
+    .. math::
+        s_{ap} - \epsilon < \max_n s_{an}, \qquad s_{an} + \epsilon > \min_p s_{ap}.
+
+    An anchor without negatives keeps no positive and vice versa.
+
+    Args:
+      sim: [A, M] similarities (larger = closer), anchors against the reference set.
+      labels: [A] anchor labels.
+      ref_labels: [M] reference labels; defaults to ``labels``.
+      query_offset: row of anchor 0 in the reference set (removes self-pairs).
+      epsilon: :math:`\epsilon`, in similarity units.
+
+    Returns:
+      ``(pos_keep, neg_keep)``: bool [A, M] masks of the mined pairs.
+
+    References:
+      Wang, Han, Huang, Dong, Scott. Multi-Similarity Loss with General Pair Weighting for
+      Deep Metric Learning. CVPR 2019.
+    """
+    sim, labels = jnp.asarray(sim), jnp.asarray(labels)
+    ref_labels = labels if ref_labels is None else jnp.asarray(ref_labels)
+    _checks.check_sim(sim, labels, ref_labels)
+    pos_mask, neg_mask = label_masks(labels, ref_labels, query_offset=query_offset)
+    sim = jax.lax.stop_gradient(sim)  # choosing pairs is not differentiated
+    max_neg = jnp.max(jnp.where(neg_mask, sim, -jnp.inf), axis=1, keepdims=True)
+    min_pos = jnp.min(jnp.where(pos_mask, sim, jnp.inf), axis=1, keepdims=True)
+    pos_keep = pos_mask & (sim - epsilon < max_neg)
+    neg_keep = neg_mask & (sim + epsilon > min_pos)
+    return pos_keep, neg_keep
+
+
+# ------------------------------------------------------ distance-weighted sampling
+def distance_weighted_log_weights(dist: ArrayLike, neg_mask: ArrayLike, *, dim: int,
+                                  cutoff: ArrayLike = 0.5,
+                                  nonzero_loss_cutoff: ArrayLike = 1.4) -> jax.Array:
+    r"""Log of Wu et al.'s negative sampling weights, :math:`-\infty` where not sampleable.
+
+    For unit vectors in :math:`\mathbb R^n` the pairwise distance has density
+    :math:`q(d) \propto d^{n-2} (1 - d^2/4)^{(n-3)/2}`. Sampling with weight :math:`1/q`
+    spreads the negatives over all distances:
+
+    .. math::
+        \log w_{an} = (2 - n) \log \bar d - \tfrac{n-3}{2} \log(1 - \bar d^2/4),
+        \qquad \bar d = \max(d_{an}, \text{cutoff}),
+
+    and :math:`w_{an} = 0` for non-negatives, for :math:`d_{an} \ge` ``nonzero_loss_cutoff``
+    (they would have zero loss) and where :math:`1 - \bar d^2/4 \le 0`. Computed in log space
+    because :math:`\bar d^{\,2-n}` overflows float32 for large :math:`n`.
+
+    Args:
+      dist: [A, M] Euclidean distances between unit vectors (no gradient is taken).
+      neg_mask: [A, M] bool, true for the anchor's negatives.
+      dim: :math:`n`, the embedding dimension (a Python int).
+      cutoff: lower clip of the distance (limits the weight of very close negatives).
+      nonzero_loss_cutoff: negatives at this distance or farther are never sampled.
+
+    Returns:
+      [A, M] log-weights (unnormalised), ``-inf`` where the weight is zero.
+
+    References:
+      Wu, Manmatha, Smola, Krähenbühl. Sampling Matters in Deep Embedding Learning.
+      ICCV 2017, Section 4.
+    """
+    dist = jax.lax.stop_gradient(jnp.asarray(dist))
+    clipped = jnp.maximum(dist, cutoff)
+    one_minus = 1.0 - 0.25 * clipped * clipped
+    sampleable = jnp.asarray(neg_mask) & (dist < nonzero_loss_cutoff) & (one_minus > 0)
+    log_w = ((2.0 - dim) * jnp.log(clipped)
+             - 0.5 * (dim - 3.0) * jnp.log(jnp.where(sampleable, one_minus, 1.0)))
+    return jnp.where(sampleable, log_w, -jnp.inf)
+
+
+def sample_distance_weighted(key: jax.Array, log_weights: ArrayLike, *,
+                             query_offset: ArrayLike = 0) -> tuple[jax.Array, jax.Array]:
+    r"""One negative per (anchor, column), drawn with probability :math:`\propto w_{an}`.
+
+    Row :math:`a` of the output holds :math:`M` independent draws from the anchor's
+    categorical distribution :math:`\mathrm{softmax}(\log w_{a\cdot})`, one for each
+    reference column (i.e. for each candidate positive).
+
+    Inverse-CDF sampling rather than ``jax.random.categorical``: drawing :math:`M` samples
+    per anchor with the Gumbel trick needs an [A, M, M] noise tensor, while a row-wise
+    cumulative sum and ``searchsorted`` need only [A, M]. The uniforms of anchor row
+    :math:`a` come from ``fold_in(key, query_offset + a)``, so a device holding rows
+    ``query_offset ...`` of a global batch draws exactly what one device holding the whole
+    batch would (pass the same ``key`` on every device); they are float32 in any precision.
+
+    Args:
+      key: a PRNG key.
+      log_weights: [A, M] from :func:`distance_weighted_log_weights`.
+      query_offset: global row of local anchor 0.
+
+    Returns:
+      ``(neg_idx, has_neg)``: int32 [A, M] sampled column indices (in range; meaningless
+      where ``has_neg`` is false) and bool [A], true when the anchor has a sampleable
+      negative.
+    """
+    log_weights = jax.lax.stop_gradient(jnp.asarray(log_weights))
+    num_anchors, num_ref = log_weights.shape
+    sampleable = log_weights > -jnp.inf
+    has_neg = jnp.any(sampleable, axis=1)
+    # Shift by the row max over the sampleable entries (all of them may be far below 0).
+    row_max = jnp.max(log_weights, axis=1, keepdims=True)
+    row_max = jnp.where(has_neg[:, None], row_max, 0.0)
+    weights = jnp.where(sampleable, jnp.exp(jnp.where(sampleable, log_weights - row_max,
+                                                      0.0)), 0.0)
+    cdf = jnp.cumsum(weights, axis=1)
+    rows = query_offset + jnp.arange(num_anchors)
+    # float32 uniforms whatever the dtype: the draws do not change under jax_enable_x64.
+    uniforms = jax.vmap(lambda r: jax.random.uniform(jax.random.fold_in(key, r), (num_ref,),
+                                                     dtype=jnp.float32))(rows)
+    uniforms = uniforms.astype(cdf.dtype)
+    targets = uniforms * cdf[:, -1:]
+    # First column whose cdf exceeds the target: a column of zero weight never qualifies.
+    neg_idx = jax.vmap(lambda c, t: jnp.searchsorted(c, t, side="right"))(cdf, targets)
+    # Rounding can push u * total onto the total; fall back to the last sampleable column.
+    last = num_ref - 1 - jnp.argmax(sampleable[:, ::-1], axis=1)
+    neg_idx = jnp.minimum(neg_idx, last[:, None])
+    return neg_idx.astype(jnp.int32), has_neg
+
+
+def mine_distance_weighted(key: jax.Array, dist: ArrayLike, labels: ArrayLike,
+                           ref_labels: ArrayLike | None = None, *, dim: int,
+                           query_offset: ArrayLike = 0, cutoff: ArrayLike = 0.5,
+                           nonzero_loss_cutoff: ArrayLike = 1.4) -> Triplets:
+    r"""Every (anchor, positive) pair with one distance-weighted sampled negative.
+
+    Combines :func:`distance_weighted_log_weights` and :func:`sample_distance_weighted`:
+    triplet ``(a, j, negative[a, j])`` for every reference column ``j``, valid when ``j`` is
+    a positive of ``a`` and ``a`` has a sampleable negative (a negative closer than
+    ``nonzero_loss_cutoff``).
+
+    Args:
+      key: a PRNG key (same on every device, see :func:`sample_distance_weighted`).
+      dist: [A, M] Euclidean distances between unit vectors, anchors against references.
+      labels: [A] anchor labels.
+      ref_labels: [M] reference labels; defaults to ``labels``.
+      dim: the embedding dimension :math:`n`.
+      query_offset: row of anchor 0 in the reference set (removes self-pairs; seeds rows).
+      cutoff: lower clip of the distance in the weights.
+      nonzero_loss_cutoff: negatives this far or farther are never sampled.
+
+    Returns:
+      :class:`Triplets` with [A, M] fields.
+
+    References:
+      Wu, Manmatha, Smola, Krähenbühl. Sampling Matters in Deep Embedding Learning.
+      ICCV 2017.
+    """
+    dist, labels = jnp.asarray(dist), jnp.asarray(labels)
+    ref_labels = labels if ref_labels is None else jnp.asarray(ref_labels)
+    _checks.check_sim(dist, labels, ref_labels)
+    pos_mask, neg_mask = label_masks(labels, ref_labels, query_offset=query_offset)
+    log_w = distance_weighted_log_weights(dist, neg_mask, dim=dim, cutoff=cutoff,
+                                          nonzero_loss_cutoff=nonzero_loss_cutoff)
+    negative, has_neg = sample_distance_weighted(key, log_w, query_offset=query_offset)
+    anchor = jnp.broadcast_to(jnp.arange(dist.shape[0], dtype=jnp.int32)[:, None], dist.shape)
+    positive = jnp.broadcast_to(jnp.arange(dist.shape[1], dtype=jnp.int32), dist.shape)
+    return Triplets(anchor, positive, negative, pos_mask & has_neg[:, None])

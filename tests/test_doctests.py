@@ -7,7 +7,7 @@ import pytest
 
 import hnm
 
-MODULES = sorted(m.name for m in pkgutil.iter_modules(hnm.__path__, "hnm."))
+MODULES = sorted(m.name for m in pkgutil.walk_packages(hnm.__path__, "hnm."))
 
 
 @pytest.mark.parametrize("name", MODULES)

@@ -165,6 +165,13 @@ class ElementwiseLossTest(parameterized.TestCase):
             losses.soft_triplet_loss(jnp.zeros(3), jnp.zeros(3, jnp.int32))
         with self.assertRaisesRegex(ValueError, "hard_rule"):
             losses.sct_loss(jnp.zeros(3), jnp.zeros(3), hard_rule="xor")
+        for fn in (losses.soft_triplet_loss, losses.sct_loss):
+            for t in (0.0, -0.1):  # T <= 0 gives inf / an inverted loss: refused
+                with self.assertRaisesRegex(ValueError, r"`temperature` must be .*> 0; got"):
+                    fn(jnp.zeros(3), jnp.zeros(3), temperature=t)
+        # A traced temperature (a schedule) has no value to check at trace time.
+        value = jax.jit(losses.soft_triplet_loss)(jnp.zeros(1), jnp.ones(1), jnp.float32(0.5))
+        np.testing.assert_allclose(value, [np.log1p(np.exp(2.0))], rtol=1e-6)
 
 
 class ReductionTest(parameterized.TestCase):

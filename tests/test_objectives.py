@@ -439,6 +439,24 @@ class RegistryAndErrorsTest(parameterized.TestCase):
         self.assertContainsSubset({"contrastive", "multi_similarity", "supcon",
                                    "distance_weighted"}, set(names))
 
+    def test_frac_hard_has_one_meaning(self):
+        """frac_hard is the mined-triplet hn_ratio; pair objectives say frac_hard_ephn."""
+        emb, labels = _problem(3)
+        emb, labels = jnp.asarray(emb), jnp.asarray(labels)
+        pair_only = {"contrastive", "multi_similarity", "supcon"}
+        ephn_hard = float(objectives.get("ephn")(emb, labels)[1]["frac_hard"])
+        self.assertBetween(ephn_hard, 0.05, 0.95)   # a batch where the statistic can be wrong
+        for name in objectives.names():
+            with self.subTest(name):
+                _, aux = objectives.get(name)(emb, labels, jax.random.key(0))
+                if name in pair_only:
+                    self.assertNotIn("frac_hard", aux)
+                    # The same anchors count (random rows: no cosine at +-1, no duplicates).
+                    self.assertAlmostEqual(float(aux["frac_hard_ephn"]), ephn_hard, places=6)
+                else:
+                    self.assertNotIn("frac_hard_ephn", aux)
+                    self.assertIn("frac_hard", aux)
+
     def test_get_binds_options(self):
         emb, labels = _problem(0)
         a, _ = objectives.get("batch_hard", margin=0.5)(jnp.asarray(emb), jnp.asarray(labels))
@@ -460,6 +478,84 @@ class RegistryAndErrorsTest(parameterized.TestCase):
             with self.subTest(arg):
                 with self.assertRaisesRegex(ValueError, arg):
                     objectives.get(name, **opts)(emb, labels)
+
+    def test_every_option_has_a_spec(self):
+        for name in objectives.names():
+            with self.subTest(name):
+                self.assertEqual(set(objectives.OPTION_SPECS[name]), set(objectives.options(name)))
+                objectives.check_options(name, objectives.options(name))  # defaults pass
+
+    def test_out_of_range_and_mistyped_options_fail_at_get(self):
+        """The cases of issue 11, written out (independent of the specs)."""
+        cases = [(n, "temperature", v, ValueError) for n in ("ephn", "epshn", "sct", "supcon")
+                 for v in (0.0, -0.1, 0)]
+        cases += [("batch_hard", "margin", "a", TypeError), ("semihard", "margin", -0.1,
+                                                              ValueError),
+                  ("batch_all", "margin", None, TypeError),
+                  ("batch_hard", "margin", float("nan"), ValueError),
+                  ("batch_hard", "margin", float("inf"), ValueError),
+                  ("batch_hard", "normalize", "yes", TypeError),
+                  ("batch_hard", "soft", 1, TypeError),
+                  ("batch_hard", "distance", "l1", ValueError),
+                  ("batch_hard", "reduction", "sum", ValueError),
+                  ("sct", "hard_rule", "xor", ValueError),
+                  ("sct", "hard_weight", -1.0, ValueError),
+                  ("sct", "normalization", "both", ValueError),
+                  ("sct", "temperature", True, TypeError),
+                  ("ephn", "duplicate_threshold", "0.9", TypeError),
+                  ("contrastive", "neg_margin", [1.0], TypeError),
+                  ("multi_similarity", "alpha", 0.0, ValueError),
+                  ("multi_similarity", "beta", -50.0, ValueError),
+                  ("multi_similarity", "epsilon", -0.1, ValueError),
+                  ("distance_weighted", "cutoff", 0.0, ValueError),
+                  ("distance_weighted", "nonzero_loss_cutoff", -1.0, ValueError),
+                  ("distance_weighted", "margin", -0.2, ValueError),
+                  ("distance_weighted", "loss", "hinge", ValueError)]
+        for name, option, value, error in cases:
+            with self.subTest(name=name, option=option, value=value):
+                with self.assertRaises(error) as ctx:
+                    objectives.get(name, **{option: value})
+                message = str(ctx.exception)
+                self.assertIn(f"`{option}`", message)
+                self.assertIn(repr(value), message)
+                self.assertIn(name, message)
+                self.assertNotIn("\n", message)
+
+    def test_boundary_values_are_accepted(self):
+        for name, opts in (("batch_hard", dict(margin=0)), ("sct", dict(hard_weight=0.0)),
+                           ("sct", dict(temperature=1e-3)), ("contrastive",
+                                                             dict(pos_margin=-0.5)),
+                           ("multi_similarity", dict(epsilon=0.0)),
+                           ("batch_hard", dict(margin=np.float32(0.3))),
+                           ("distance_weighted", dict(beta=0))):
+            with self.subTest(name=name, opts=opts):
+                objectives.get(name, **opts)
+
+    def test_array_options_are_schedulable_and_unchecked(self):
+        emb, labels = _problem(0)
+        emb, labels = jnp.asarray(emb), jnp.asarray(labels)
+
+        @jax.jit
+        def loss_at(temperature):  # traced: no value to check at trace time
+            return objectives.get("sct", temperature=temperature)(emb, labels)[0]
+
+        want = objectives.get("sct", temperature=0.5)(emb, labels)[0]
+        np.testing.assert_allclose(loss_at(jnp.float32(0.5)), want, rtol=1e-6)
+        objectives.get("sct", temperature=jnp.float32(0.0))  # concrete array: unchecked too
+        with self.assertRaisesRegex(TypeError, "temperature.*dtype bool"):
+            objectives.get("sct", temperature=jnp.array(True))
+
+    def test_check_options_for_the_cli(self):
+        objectives.check_options("batch_hard", {"margin": 0.1, "distance": "cosine"})
+        with self.assertRaises(ValueError) as ctx:
+            objectives.check_options("ephn", {"margin": 0.1})
+        message = str(ctx.exception)
+        self.assertEqual(message,
+                         "unknown option(s) ['margin'] for objective 'ephn'; valid options: "
+                         "['duplicate_threshold', 'temperature'].")
+        with self.assertRaisesRegex(ValueError, r"name.*'nope'.*batch_hard"):
+            objectives.check_options("nope", {})
+        self.assertFalse(any(objectives.is_parametric(n) for n in objectives.names()))
 
     @parameterized.parameters(*TRIPLET)
     def test_bad_inputs_name_the_argument(self, name):

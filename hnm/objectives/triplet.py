@@ -1,27 +1,9 @@
-r"""Named training objectives: ``(embeddings, labels, key) -> (loss, aux)``.
+r"""Triplet objectives: ``ephn``, ``epshn``, ``sct`` (the official SCT code's three), and the
+hinge recipes ``batch_hard`` (Hermans), ``semihard`` (FaceNet / TF-Addons) and ``batch_all``.
 
-Each objective is a plain module-level function
-
-    ``name(embeddings [B, D], labels [B], key=None, *, axis_name=None, **options)``
-
-and :func:`get` binds its options with :func:`functools.partial`, so the result is pure and
-jit-able: ``loss, aux = hnm.objectives.get("sct", temperature=0.1)(emb, labels)``.
-
-Cross-device (``axis_name`` set, inside ``pmap``/``shard_map``): the anchors are the local
-rows, the candidates every device's rows (``distances.reference_set``, an ``all_gather``), and
-self-pairs are removed with ``query_offset``. The returned ``loss`` is this device's *share*,
-local sum / global count, so that summing losses (and gradients) over devices gives exactly
-the single-device loss (and gradient) on the concatenated batch. ``aux`` values are global:
-``num_valid``, ``frac_hard`` (valid triplets whose negative is more similar than their
-positive, the official ``hn_ratio``), ``mean_sim_ap``, ``mean_sim_an`` (in the objective's
-similarity), ``frac_active`` (valid triplets with a non-zero loss), ``loss`` (the global value,
-no gradient) and, for ``sct``, ``num_easy`` / ``num_hard``.
-
-Cross-batch memory (every objective, call-time keyword ``memory``, :mod:`hnm.memory`): the
-memory's rows are appended to the reference set after the (gathered) batch, stopped and
-normalised like the batch; the anchors stay the local rows, so the self-pair offset and the
-loss normalisation are unchanged. Empty or warm-up-masked slots carry
-``distances.MASKED_LABEL`` and count for nothing: an empty memory gives the plain objective.
+Each returns ``(loss, aux)`` as described in :mod:`hnm.objectives`; here ``frac_hard`` is the
+fraction of the valid mined (or, for ``batch_all``, enumerated) triplets with
+:math:`S_{an} > S_{ap}` in the objective's similarity.
 
 Speed: the per-anchor objectives (``ephn``, ``epshn``, ``sct``, ``batch_hard``) mine on one
 stopped similarity matrix and recompute only the chosen similarities from gathered rows, so
@@ -37,10 +19,6 @@ References:
 """
 from __future__ import annotations
 
-import functools
-import inspect
-from typing import Any, Callable
-
 import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
@@ -49,114 +27,13 @@ from hnm import _checks
 from hnm import distances
 from hnm import losses
 from hnm import miners
-from hnm import pair_losses
 from hnm.memory import Memory
+from hnm.objectives import _common
 
-Aux = dict[str, jax.Array]
-Objective = Callable[..., tuple[jax.Array, Aux]]
-
-DISTANCES = ("euclidean", "cosine", "squared_euclidean")
 REDUCTIONS = ("mean", "avg_nonzero")
 NORMALIZATIONS = ("joint", "separate")
-# Keyword arguments given per call (or by ``get`` itself), never bound as options.
-CALL_TIME = ("axis_name", "memory")
 VALID_SIM_BOUND = 1.0  # official SCT code: chosen cosines must lie strictly inside (-1, 1)
-
-
-# ---------------------------------------------------------------------------------------------
-# Shared pieces.
-
-
-def _check_choice(value: Any, name: str, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise ValueError(f"unknown `{name}`={value!r}; expected one of {choices}.")
-
-
-def _prepare(embeddings: ArrayLike, labels: ArrayLike, normalize: bool,
-             axis_name: str | None, memory: Memory | None = None
-             ) -> tuple[jax.Array, jax.Array, distances.ReferenceSet]:
-    """Checks, optionally L2-normalises, and builds the (possibly global) reference set,
-    followed by the memory rows (normalised like the batch) when a memory is given."""
-    embeddings, labels = jnp.asarray(embeddings), jnp.asarray(labels)
-    _checks.check_embeddings_and_labels(embeddings, labels)
-    if normalize:
-        # Normalise before the gather: each device normalises only its own rows.
-        embeddings = distances.l2_normalize(embeddings)
-    return embeddings, labels, distances.reference_set(embeddings, labels, axis_name, memory,
-                                                       normalize_memory=normalize)
-
-
-def _similarity_matrix(emb: jax.Array, ref: jax.Array, distance: str) -> jax.Array:
-    """[A, M] similarity; cosine assumes rows already unit-normalised."""
-    if distance == "cosine":
-        return emb @ ref.T
-    if distance == "euclidean":
-        return distances.negative_euclidean(emb, ref)
-    return distances.negative_squared_euclidean(emb, ref)
-
-
-def _mining_matrix(emb: jax.Array, ref: jax.Array, distance: str) -> jax.Array:
-    """A stopped [A, M] matrix ordered like the similarity: the Euclidean ones mine on
-    ``-d^2`` (the square root is monotone, so the choice is the same, one pass cheaper)."""
-    mine = emb @ ref.T if distance == "cosine" else distances.negative_squared_euclidean(emb,
-                                                                                        ref)
-    return jax.lax.stop_gradient(mine)
-
-
-def _row_similarity(emb: jax.Array, ref: jax.Array, idx: jax.Array, distance: str
-                    ) -> jax.Array:
-    """Similarity of ``emb[i]`` to ``ref[idx[i]]``, from gathered rows: O(A D) with an
-    O(A D) backward pass (a scatter-add), never the B x B x D matmul of a full matrix."""
-    other = ref[idx]
-    if distance == "cosine":
-        return jnp.sum(emb * other, axis=-1)
-    d2 = jnp.sum(jnp.square(emb - other), axis=-1)
-    return -(distances.safe_sqrt(d2) if distance == "euclidean" else d2)
-
-
-def _global_stats(axis_name: str | None, **terms: ArrayLike) -> dict[str, jax.Array]:
-    """Sums scalar statistics over devices with one ``psum``; no gradient."""
-    names = list(terms)
-    dtype = jnp.result_type(float)  # float32, or float64 under jax.enable_x64
-    stacked = jnp.stack([jnp.asarray(terms[n], dtype) for n in names])
-    stacked = distances.global_sum(jax.lax.stop_gradient(stacked), axis_name)
-    return dict(zip(names, stacked))
-
-
-def _ratio(num: jax.Array, den: jax.Array) -> jax.Array:
-    return num / jnp.maximum(den, 1.0)
-
-
-def _aux_from_stats(s: dict[str, jax.Array]) -> Aux:
-    """The standard aux dict from global sums ``n, hard, ap, an, active, loss``."""
-    return dict(num_valid=s["n"].astype(jnp.int32), frac_hard=_ratio(s["hard"], s["n"]),
-                mean_sim_ap=_ratio(s["ap"], s["n"]), mean_sim_an=_ratio(s["an"], s["n"]),
-                frac_active=_ratio(s["active"], s["n"]), loss=s["loss"])
-
-
-def _triplet_aux(sim_ap: jax.Array, sim_an: jax.Array, per_triplet: jax.Array,
-                 valid: jax.Array, loss: jax.Array, axis_name: str | None,
-                 **extra_counts: jax.Array) -> Aux:
-    """The aux dict of an objective whose mined triplets are explicit (``valid`` mask)."""
-    def total(x):  # padding rows hold garbage (possibly inf): select, never multiply
-        return jnp.sum(jnp.where(valid, x, 0))
-    s = _global_stats(
-        axis_name, n=jnp.sum(valid), hard=total(sim_an > sim_ap), ap=total(sim_ap),
-        an=total(sim_an), active=total(per_triplet != 0),
-        loss=loss, **extra_counts)
-    aux = _aux_from_stats(s)
-    aux.update({k: s[k].astype(jnp.int32) for k in extra_counts})
-    return aux
-
-
-def _reduce(per_triplet: jax.Array, valid: jax.Array, reduction: str,
-            axis_name: str | None) -> jax.Array:
-    """This device's share of the global mean (or AvgNonZero) of the valid triplets."""
-    if reduction == "mean":
-        total, count = losses.masked_sum_count(per_triplet, valid)
-    else:
-        total, count = losses.nonzero_sum_count(per_triplet, valid)
-    return distances.global_mean_of(total, count, axis_name)
+Aux = _common.Aux
 
 
 # ---------------------------------------------------------------------------------------------
@@ -172,7 +49,7 @@ def _official_triplets(embeddings, labels, axis_name, miner, duplicate_threshold
     strictly inside (-1, 1) (the official code marks "none found" with -1, so a chosen cosine
     of exactly -1, or a negative duplicate at 1, also invalidates the anchor).
     """
-    emb, labels, ref = _prepare(embeddings, labels, True, axis_name, memory)
+    emb, labels, ref = _common.prepare(embeddings, labels, True, axis_name, memory)
     # The mining matrix is computed once and never differentiated.
     mine_sim = jax.lax.stop_gradient(emb @ ref.embeddings.T)
     t = miner(mine_sim, labels, ref.labels, query_offset=ref.query_offset,
@@ -180,8 +57,8 @@ def _official_triplets(embeddings, labels, axis_name, miner, duplicate_threshold
     chosen_ap, chosen_an = miners.gather_sims(mine_sim, t)
     inside = ((jnp.abs(chosen_ap) < VALID_SIM_BOUND) & (jnp.abs(chosen_an) < VALID_SIM_BOUND))
     valid = t.valid & inside
-    sim_ap = _row_similarity(emb, ref.embeddings, t.positive, "cosine")
-    sim_an = _row_similarity(emb, ref.embeddings, t.negative, "cosine")
+    sim_ap = _common.row_similarity(emb, ref.embeddings, t.positive, "cosine")
+    sim_an = _common.row_similarity(emb, ref.embeddings, t.negative, "cosine")
     return sim_ap, sim_an, valid
 
 
@@ -190,8 +67,8 @@ def _soft_objective(embeddings, labels, axis_name, miner, temperature, duplicate
     sim_ap, sim_an, valid = _official_triplets(embeddings, labels, axis_name, miner,
                                                duplicate_threshold, memory)
     per_triplet = losses.soft_triplet_loss(sim_ap, sim_an, temperature=temperature)
-    loss = _reduce(per_triplet, valid, "mean", axis_name)
-    return loss, _triplet_aux(sim_ap, sim_an, per_triplet, valid, loss, axis_name)
+    loss = _common.reduce(per_triplet, valid, "mean", axis_name)
+    return loss, _common.triplet_aux(sim_ap, sim_an, per_triplet, valid, loss, axis_name)
 
 
 def ephn(embeddings: ArrayLike, labels: ArrayLike, key: jax.Array | None = None, *,
@@ -323,8 +200,8 @@ def sct(embeddings: ArrayLike, labels: ArrayLike, key: jax.Array | None = None, 
       Xuan, Stylianou, Liu, Pless. Hard Negative Examples are Hard, but Useful. ECCV 2020.
     """
     del key
-    losses._check_hard_rule(hard_rule)  # pylint: disable=protected-access
-    _check_choice(normalization, "normalization", NORMALIZATIONS)
+    _checks.check_choice(hard_rule, "hard_rule", losses.HARD_RULES)
+    _checks.check_choice(normalization, "normalization", NORMALIZATIONS)
     sim_ap, sim_an, valid = _official_triplets(
         embeddings, labels, axis_name, miners.mine_easy_positive_hard_negative,
         duplicate_threshold, memory)
@@ -335,11 +212,11 @@ def sct(embeddings: ArrayLike, labels: ArrayLike, key: jax.Array | None = None, 
                                   hard_weight=hard_weight, hard_threshold=hard_threshold,
                                   hard_rule=hard_rule)
     if normalization == "joint":
-        loss = _reduce(per_triplet, easy | hard, "mean", axis_name)
+        loss = _common.reduce(per_triplet, easy | hard, "mean", axis_name)
     else:
-        loss = (_reduce(per_triplet, easy, "mean", axis_name)
-                + _reduce(per_triplet, hard, "mean", axis_name))
-    aux = _triplet_aux(sim_ap, sim_an, per_triplet, valid, loss, axis_name,
+        loss = (_common.reduce(per_triplet, easy, "mean", axis_name)
+                + _common.reduce(per_triplet, hard, "mean", axis_name))
+    aux = _common.triplet_aux(sim_ap, sim_an, per_triplet, valid, loss, axis_name,
                        num_easy=easy.sum(), num_hard=hard.sum())
     return loss, aux
 
@@ -348,10 +225,15 @@ def sct(embeddings: ArrayLike, labels: ArrayLike, key: jax.Array | None = None, 
 # Hinge objectives (Hermans batch-hard, FaceNet/TFA semi-hard, all triplets).
 
 
+def _normalizes(distance: str, normalize: bool) -> bool:
+    """Whether the rows are L2-normalised: on request, and always for cosine."""
+    return normalize or distances.similarity(distance).unit_rows
+
+
 def _check_metric_options(distance: str, reduction: str | None = None) -> None:
-    _check_choice(distance, "distance", DISTANCES)
+    distances.similarity(distance, "distance")
     if reduction is not None:
-        _check_choice(reduction, "reduction", REDUCTIONS)
+        _checks.check_choice(reduction, "reduction", REDUCTIONS)
 
 
 def batch_hard(embeddings: ArrayLike, labels: ArrayLike, key: jax.Array | None = None, *,
@@ -380,8 +262,8 @@ def batch_hard(embeddings: ArrayLike, labels: ArrayLike, key: jax.Array | None =
       axis_name: mine across devices over this axis.
       memory: a cross-batch memory whose rows join the candidates (not the anchors).
       margin: m, in units of the chosen distance.
-      distance: ``"euclidean"``, ``"cosine"`` (similarity, always on normalised rows) or
-        ``"squared_euclidean"``.
+      distance: a name of :data:`hnm.distances.SIMILARITIES`: ``"euclidean"``, ``"cosine"``
+        (always on normalised rows), ``"squared_euclidean"`` or ``"dot"``.
       normalize: L2-normalise the embeddings first.
       soft: soft margin instead of the hinge.
       reduction: ``"mean"`` or ``"avg_nonzero"``.
@@ -397,19 +279,19 @@ def batch_hard(embeddings: ArrayLike, labels: ArrayLike, key: jax.Array | None =
     """
     del key
     _check_metric_options(distance, reduction)
-    emb, labels, ref = _prepare(embeddings, labels, normalize or distance == "cosine",
-                                axis_name, memory)
+    emb, labels, ref = _common.prepare(embeddings, labels, _normalizes(distance, normalize),
+                                       axis_name, memory)
     # One stopped matrix for the choice; the loss recomputes only the chosen pairs.
-    mine_sim = _mining_matrix(emb, ref.embeddings, distance)
+    mine_sim = _common.mining_matrix(emb, ref.embeddings, distance)
     t = miners.mine_hardest(mine_sim, labels, ref.labels, query_offset=ref.query_offset)
-    sim_ap = _row_similarity(emb, ref.embeddings, t.positive, distance)
-    sim_an = _row_similarity(emb, ref.embeddings, t.negative, distance)
+    sim_ap = _common.row_similarity(emb, ref.embeddings, t.positive, distance)
+    sim_an = _common.row_similarity(emb, ref.embeddings, t.negative, distance)
     if soft:
         per_triplet = losses.soft_triplet_loss(sim_ap, sim_an, temperature=1.0)
     else:
         per_triplet = losses.triplet_margin_loss(sim_ap, sim_an, margin=margin)
-    loss = _reduce(per_triplet, t.valid, reduction, axis_name)
-    return loss, _triplet_aux(sim_ap, sim_an, per_triplet, t.valid, loss, axis_name)
+    loss = _common.reduce(per_triplet, t.valid, reduction, axis_name)
+    return loss, _common.triplet_aux(sim_ap, sim_an, per_triplet, t.valid, loss, axis_name)
 
 
 def semihard(embeddings: ArrayLike, labels: ArrayLike, key: jax.Array | None = None, *,
@@ -435,7 +317,8 @@ def semihard(embeddings: ArrayLike, labels: ArrayLike, key: jax.Array | None = N
       axis_name: mine across devices over this axis.
       memory: a cross-batch memory whose rows join the candidates (not the anchors).
       margin: m.
-      distance: ``"euclidean"`` (TFA's ``"L2"``), ``"cosine"`` or ``"squared_euclidean"``.
+      distance: a name of :data:`hnm.distances.SIMILARITIES` (``"euclidean"`` is TFA's
+        ``"L2"``).
       normalize: L2-normalise the embeddings first.
 
     Returns:
@@ -449,17 +332,17 @@ def semihard(embeddings: ArrayLike, labels: ArrayLike, key: jax.Array | None = N
     """
     del key
     _check_metric_options(distance)
-    emb, labels, ref = _prepare(embeddings, labels, normalize or distance == "cosine",
-                                axis_name, memory)
-    sim = _similarity_matrix(emb, ref.embeddings, distance)
+    emb, labels, ref = _common.prepare(embeddings, labels, _normalizes(distance, normalize),
+                                       axis_name, memory)
+    sim = _common.similarity_matrix(emb, ref.embeddings, distance)
     st = losses.semihard_margin_sums(sim, labels, ref.labels, query_offset=ref.query_offset,
                                      margin=margin)
     count = jnp.sum(st.num_pairs)
     loss = distances.global_mean_of(jnp.sum(st.loss_sum), count, axis_name)
-    s = _global_stats(axis_name, n=count, hard=jnp.sum(st.num_hard),
+    s = _common.global_stats(axis_name, n=count, hard=jnp.sum(st.num_hard),
                       ap=jnp.sum(st.sum_sim_ap), an=jnp.sum(st.sum_sim_an),
                       active=jnp.sum(st.num_active), loss=loss)
-    return loss, _aux_from_stats(s)
+    return loss, _common.aux_from_stats(s)
 
 
 def batch_all(embeddings: ArrayLike, labels: ArrayLike, key: jax.Array | None = None, *,
@@ -485,7 +368,7 @@ def batch_all(embeddings: ArrayLike, labels: ArrayLike, key: jax.Array | None = 
       axis_name: mine across devices over this axis.
       memory: a cross-batch memory whose rows join the candidates (not the anchors).
       margin: m.
-      distance: ``"euclidean"``, ``"cosine"`` or ``"squared_euclidean"``.
+      distance: a name of :data:`hnm.distances.SIMILARITIES`.
       normalize: L2-normalise the embeddings first.
       reduction: ``"avg_nonzero"`` (default) or ``"mean"``.
 
@@ -501,9 +384,9 @@ def batch_all(embeddings: ArrayLike, labels: ArrayLike, key: jax.Array | None = 
     """
     del key
     _check_metric_options(distance, reduction)
-    emb, labels, ref = _prepare(embeddings, labels, normalize or distance == "cosine",
-                                axis_name, memory)
-    sim = _similarity_matrix(emb, ref.embeddings, distance)
+    emb, labels, ref = _common.prepare(embeddings, labels, _normalizes(distance, normalize),
+                                       axis_name, memory)
+    sim = _common.similarity_matrix(emb, ref.embeddings, distance)
     at = losses.all_triplets_margin_sums(sim, labels, ref.labels,
                                          query_offset=ref.query_offset, margin=margin)
     num_triplets = jnp.sum(at.num_triplets)
@@ -517,16 +400,29 @@ def batch_all(embeddings: ArrayLike, labels: ArrayLike, key: jax.Array | None = 
     num_neg = jnp.sum(neg_mask, axis=1)
     sum_ap = jnp.sum(jnp.where(pos_mask, stop_sim, 0.0), axis=1)
     sum_an = jnp.sum(jnp.where(neg_mask, stop_sim, 0.0), axis=1)
-    s = _global_stats(axis_name, n=num_triplets, hard=jnp.sum(at.num_hard),
+    s = _common.global_stats(axis_name, n=num_triplets, hard=jnp.sum(at.num_hard),
                       ap=jnp.sum(num_neg * sum_ap), an=jnp.sum(num_pos * sum_an),
                       active=jnp.sum(at.num_active), loss=loss)
-    return loss, _aux_from_stats(s)
+    return loss, _common.aux_from_stats(s)
 
 
-# ---------------------------------------------------------------------------------------------
-# Registry.
+_DISTANCE = _checks.choice(tuple(distances.SIMILARITIES))
+_OFFICIAL = dict(temperature=_checks.POSITIVE, duplicate_threshold=_checks.REAL)
+# What each option accepts (checked by hnm.objectives.get / check_options before compiling).
+OPTION_SPECS: dict[str, dict[str, _checks.OptionSpec]] = {
+    "ephn": _OFFICIAL,
+    "epshn": _OFFICIAL,
+    "sct": dict(_OFFICIAL, hard_weight=_checks.NON_NEGATIVE, hard_threshold=_checks.REAL,
+                hard_rule=_checks.choice(losses.HARD_RULES),
+                normalization=_checks.choice(NORMALIZATIONS)),
+    "batch_hard": dict(margin=_checks.NON_NEGATIVE, distance=_DISTANCE, normalize=_checks.BOOL,
+                       soft=_checks.BOOL, reduction=_checks.choice(REDUCTIONS)),
+    "semihard": dict(margin=_checks.NON_NEGATIVE, distance=_DISTANCE, normalize=_checks.BOOL),
+    "batch_all": dict(margin=_checks.NON_NEGATIVE, distance=_DISTANCE, normalize=_checks.BOOL,
+                      reduction=_checks.choice(REDUCTIONS)),
+}
 
-TRIPLET_OBJECTIVES: dict[str, Objective] = {
+OBJECTIVES: dict[str, _common.Objective] = {
     "batch_all": batch_all,
     "batch_hard": batch_hard,
     "ephn": ephn,
@@ -534,57 +430,3 @@ TRIPLET_OBJECTIVES: dict[str, Objective] = {
     "sct": sct,
     "semihard": semihard,
 }
-
-
-def _registry() -> dict[str, Objective]:
-    return {**TRIPLET_OBJECTIVES, **pair_losses.OBJECTIVES}
-
-
-def names() -> list[str]:
-    """Sorted names of every objective (triplet and pair)."""
-    return sorted(_registry())
-
-
-def options(name: str) -> dict[str, Any]:
-    """The options of objective ``name`` and their defaults."""
-    fn = _lookup(name)
-    return {p.name: p.default for p in inspect.signature(fn).parameters.values()
-            if p.kind is inspect.Parameter.KEYWORD_ONLY and p.name not in CALL_TIME}
-
-
-def _lookup(name: str) -> Objective:
-    registry = _registry()
-    if name not in registry:
-        raise ValueError(f"unknown objective `name`={name!r}; expected one of "
-                         f"{sorted(registry)}.")
-    return registry[name]
-
-
-def get(name: str, *, axis_name: str | None = None, **opts: Any) -> Objective:
-    """The objective ``name`` with its options bound: ``(embeddings, labels, key=None, *,
-    memory=None) -> (loss, aux)``.
-
-    Args:
-      name: one of :func:`names`.
-      axis_name: device axis to mine across (inside ``pmap``/``shard_map``), or None.
-      **opts: the objective's keyword options (see :func:`options`).
-
-    Returns:
-      A pure function, ready for ``jax.jit`` / ``jax.grad``.
-
-    Raises:
-      ValueError: for an unknown ``name`` or an unknown option (the message lists the valid
-        ones).
-
-    Examples:
-      >>> objective = get("batch_hard", margin=0.25)
-      >>> loss, aux = objective(jnp.eye(4), jnp.array([0, 0, 1, 1]))  # all at distance √2
-      >>> round(float(loss), 4), int(aux["num_valid"])
-      (0.25, 4)
-    """
-    valid = options(name)
-    unknown = sorted(set(opts) - set(valid))
-    if unknown:
-        raise ValueError(f"unknown option(s) {unknown} for objective {name!r}; valid options: "
-                         f"{sorted(valid)}.")
-    return functools.partial(_lookup(name), axis_name=axis_name, **opts)

@@ -1,4 +1,5 @@
-"""Tests of hnm.pair_losses against slow NumPy float64 references written from the papers.
+"""Tests of hnm.objectives.pair and the pair miners of hnm.miners against slow NumPy float64
+references written from the papers.
 
 The references loop over explicit pairs / anchors / triplets (PML 2.9's documented behaviour
 for the reductions) and never call hnm. Gradients are compared with central finite
@@ -17,7 +18,8 @@ import numpy as np
 from scipy import stats
 
 from hnm import distances
-from hnm import pair_losses as pl
+from hnm import miners
+from hnm.objectives import pair as pl
 
 B, D = 12, 5          # one shape for every single-device case: one compilation per function
 NUM_DEVICES = 8
@@ -168,8 +170,9 @@ def dw_triplets_fn():
     def fn(emb, labels, key, cutoff, nonzero_loss_cutoff):
         x = distances.l2_normalize(emb)
         dist = distances.euclidean_distance(x)
-        return pl.mine_distance_weighted(key, dist, labels, dim=emb.shape[1], cutoff=cutoff,
-                                         nonzero_loss_cutoff=nonzero_loss_cutoff)
+        return miners.mine_distance_weighted(key, dist, labels, dim=emb.shape[1],
+                                             cutoff=cutoff,
+                                             nonzero_loss_cutoff=nonzero_loss_cutoff)
     return jax.jit(fn)
 
 
@@ -259,6 +262,12 @@ class ReferenceTest(parameterized.TestCase):
         triplets = triplet_list(t)
         self.assertNotEmpty(triplets)
         self.assertEqual(int(aux["num_valid"]), len(triplets))
+        # frac_hard: as in every triplet objective, the sampled triplets with d_an < d_ap.
+        x = np_normalize(emb)
+        dist = np.linalg.norm(x[:, None] - x[None], axis=-1)
+        hard = np.mean([dist[a, n] < dist[a, p] for a, p, n in triplets])
+        self.assertAlmostEqual(float(aux["frac_hard"]), hard, places=10)
+        self.assertNotIn("frac_hard_ephn", aux)
         ref = functools.partial(ref_dw_loss, triplets=triplets, loss=loss,
                                 margin=opts["margin"], beta=opts["beta"])
         self.assertGreater(value, 0.0)
@@ -282,7 +291,8 @@ class ReferenceTest(parameterized.TestCase):
         for name in ("contrastive", "supcon"):
             _, aux, _ = run(name, emb, labels)
             with self.subTest(name):
-                self.assertAlmostEqual(float(aux["frac_hard"]), hard / both, places=10)
+                self.assertAlmostEqual(float(aux["frac_hard_ephn"]), hard / both, places=10)
+                self.assertNotIn("frac_hard", aux)  # no triplets: not the triplet statistic
                 self.assertAlmostEqual(float(aux["mean_sim_ap"]), cos[same & off].mean(),
                                        places=10)
                 self.assertAlmostEqual(float(aux["mean_sim_an"]), cos[~same].mean(),
@@ -310,7 +320,7 @@ class ClosedFormTest(parameterized.TestCase):
         self.assertAlmostEqual(loss, math.sqrt(2.0) + 1.0, places=12)
         # Anchor 0: closest negative s02 = 1 > s01 = 0, hard; anchor 1: s12 = s10 = 0, a tie,
         # not hard; anchor 2 has no positive.
-        self.assertEqual(float(aux["frac_hard"]), 0.5)
+        self.assertEqual(float(aux["frac_hard_ephn"]), 0.5)
         self.assertAlmostEqual(float(aux["mean_sim_ap"]), 0.0, places=12)
         self.assertAlmostEqual(float(aux["mean_sim_an"]), 0.5, places=12)
         self.assertEqual(int(aux["num_valid"]), 4)      # 2 positive + 2 coincident negative
@@ -342,7 +352,7 @@ class ClosedFormTest(parameterized.TestCase):
         # n = 3: q(d) = d (1 - d^2/4)^0 = d, so w = 1/max(d, cutoff); d >= 1.4 never drawn.
         dist = jnp.array([[0.0, 0.3, 0.8, 1.2, 1.5]])
         neg = jnp.array([[False, True, True, True, True]])
-        log_w = pl.distance_weighted_log_weights(dist, neg, dim=3)
+        log_w = miners.distance_weighted_log_weights(dist, neg, dim=3)
         w = np.exp(np.asarray(log_w[0]))
         np.testing.assert_allclose(w, [0.0, 1 / 0.5, 1 / 0.8, 1 / 1.2, 0.0], rtol=1e-6)
 
@@ -488,8 +498,8 @@ class SamplerTest(parameterized.TestCase):
         # the same negatives, not underflow to "nothing sampleable".
         with jax.enable_x64(True):
             neg_mask = jnp.asarray(self.labels[:, None] != self.labels[None, :])
-            log_w = pl.distance_weighted_log_weights(jnp.asarray(self.dist), neg_mask, dim=D)
-            sample = jax.jit(pl.sample_distance_weighted)
+            log_w = miners.distance_weighted_log_weights(jnp.asarray(self.dist), neg_mask, dim=D)
+            sample = jax.jit(miners.sample_distance_weighted)
             ref_idx, ref_has = sample(jax.random.key(9), log_w)
             for shift in (-1000.0, 1000.0):
                 idx, has = sample(jax.random.key(9), log_w + shift)
@@ -500,14 +510,14 @@ class SamplerTest(parameterized.TestCase):
         probs = ref_dw_probs(self.emb, self.labels)
         dist = jnp.asarray(self.dist, jnp.float32)
         neg_mask = jnp.asarray(self.labels[:, None] != self.labels[None, :])
-        log_w = pl.distance_weighted_log_weights(dist, neg_mask, dim=D)
+        log_w = miners.distance_weighted_log_weights(dist, neg_mask, dim=D)
         has = probs.sum(1) > 0
         np.testing.assert_allclose(np.asarray(jax.nn.softmax(log_w[has], axis=1)), probs[has],
                                    atol=1e-6)
         self.assertGreater(probs[has].max(axis=1).min() / probs[probs > 0].min(), 2.0)
         num_keys = 400
         keys = jax.random.split(jax.random.key(1), num_keys)
-        neg_idx, has_neg = jax.jit(jax.vmap(pl.sample_distance_weighted, in_axes=(0, None)))(
+        neg_idx, has_neg = jax.jit(jax.vmap(miners.sample_distance_weighted, in_axes=(0, None)))(
             keys, log_w)
         np.testing.assert_array_equal(has_neg[0], has)
         neg_idx = np.asarray(neg_idx)
