@@ -64,6 +64,10 @@ DENSE_ELEMENTS = 1 << 20
 # is one 4 MiB tile. Blocks of 64..256 anchors were equally fast at B = 1024, 2048; the whole
 # batch at once was 5x slower at B = 2048 (the 16 MiB matrix falls out of cache).
 ANCHOR_BLOCK = 256
+# semihard on one tile: from this embedding dimension on, the gradient goes through a dense
+# coefficient tile (one matmul) instead of gathered rows (a scatter): measured at B = 1024,
+# 1.5x vs 2.0x the limit at D = 512, 1.8x vs 0.8-1.4x at D = 64.
+DENSE_GRAD_DIM = 256
 SLOTS = 4          # positive slots per sweep without a memory (P x K batches: K - 1 = 3)
 SLOTS_MEMORY = 8   # with a memory: batch positives plus a few from past batches
 _BIG = int(jnp.iinfo(jnp.int32).max)
@@ -163,6 +167,48 @@ def tile_values(q: jax.Array, r: jax.Array, distance: str, squared_mining: bool 
     if distance == "squared_euclidean" or squared_mining:
         return -d2
     return -distances.safe_sqrt(d2)
+
+
+def _tile_and_slope(q, r, distance):
+    """The tile of :func:`tile_values` (materialised once: XLA:CPU would otherwise recompute
+    the square root in every consumer fusion) and, for the Euclidean kinds, ``dv/dx`` with
+    ``x = |q|^2 + |r|^2 - 2 q.r`` (None for the dot product): the derivative autodiff takes
+    through ``max(x, 0)`` and ``safe_sqrt``, without autodiff's unfused backward graph."""
+    dot = q @ r.T
+    if distance in ("cosine", "dot"):
+        return dot, None
+    x = _sq_norms(q)[:, None] + _sq_norms(r)[None, :] - 2.0 * dot
+    d2 = jnp.maximum(x, 0.0)
+    # d max(x, 0) / dx: 1 above 0, 1/2 at 0 (JAX's rule for max), 0 below.
+    clip = jnp.where(x > 0, 1.0, jnp.where(x == 0, 0.5, 0.0)).astype(q.dtype)
+    if distance == "squared_euclidean":
+        v, slope = -d2, -clip
+    else:
+        ok = d2 > distances.SQRT_EPS
+        root = jnp.sqrt(jnp.where(ok, d2, 1.0))
+        v = jnp.where(ok, -root, 0.0)
+        slope = jnp.where(ok, -0.5 / root, 0.0) * clip
+    v, slope = jax.lax.optimization_barrier((v, slope))
+    return v, slope
+
+
+def _tile_vjp(q, r, coef, slope, live, symmetric=False):
+    """``(d/dq, d/dr)`` of ``sum(coef * tile)``: ``coef @ r`` / ``coef.T @ q`` for the dot
+    product; through ``x = |q|^2 + |r|^2 - 2 q.r`` for the Euclidean kinds. ``d/dr`` is None
+    unless ``live``. ``symmetric``: ``r`` *is* ``q`` (a batch against itself, one tile), so
+    both parts go to ``q`` with one matmul by ``w + w.T`` instead of two."""
+    if symmetric:
+        w = coef if slope is None else coef * slope
+        both = w + w.T
+        if slope is None:
+            return both @ q, None
+        return 2.0 * (q * jnp.sum(both, axis=1)[:, None] - both @ q), None
+    if slope is None:
+        return coef @ r, (coef.T @ q if live else None)
+    w = coef * slope
+    dq = 2.0 * (q * jnp.sum(w, axis=1)[:, None] - w @ r)
+    dr = 2.0 * (r * jnp.sum(w, axis=0)[:, None] - w.T @ q) if live else None
+    return dq, dr
 
 
 def pair_values(q: jax.Array, r: jax.Array, distance: str) -> jax.Array:
@@ -380,6 +426,10 @@ def _slots(index, first: jax.Array, num_slots: int):
     return cols, k < count[:, None]
 
 
+def _count(mask: jax.Array) -> jax.Array:
+    return jnp.sum(mask, dtype=jnp.int32)
+
+
 def _vary(tree, like):
     from hnm import miners  # pylint: disable=import-outside-toplevel
     return miners._vary_like(tree, like)  # pylint: disable=protected-access
@@ -396,7 +446,11 @@ def _chunks(q, labels, ref, slots, body, init):
         cols, found = _slots(index, c * slots, slots)
         return c + 1, body(carry, cols, found, c)
 
-    state = _vary((jnp.zeros((), jnp.int32), init), q)
+    # Chunk 0 outside the loop (always run; with no positives it adds nothing): a P x K
+    # batch needs no loop at all, and XLA:CPU optimises straight-line code better.
+    state = _vary((jnp.ones((), jnp.int32), init), q)
+    cols, found = _slots(index, jnp.zeros((), jnp.int32), slots)
+    state = (state[0], body(state[1], cols, found, jnp.zeros((), jnp.int32)))
     return jax.lax.while_loop(lambda s: s[0] < num_chunks, step, state)[1]
 
 
@@ -426,6 +480,40 @@ class HingeSums(NamedTuple):
     sum_an: jax.Array      # sum of s_an over the set (stopped)
 
 
+def _setup(q, ref, block_size, slots):
+    slots = slots or (SLOTS if ref.mem is None else SLOTS_MEMORY)
+    block = auto_block(q.shape[0], ref.size, block_size)
+    qs = jax.lax.stop_gradient(q)
+    # Everything inside the loops is stopped: the gradient is assembled by hand (the tile's
+    # vector-Jacobian product), and a live input would make JAX carry a tangent through them.
+    sref = ref.with_live(jax.lax.stop_gradient(ref.live))
+    rid = jnp.arange(q.shape[0], dtype=jnp.int32) + ref.query_offset
+    # One tile holds the whole reference set (a batch, no memory): the tile stays in hand, so
+    # the positives' similarities are read from it and every gradient goes through one
+    # dense coefficient matrix (no gather / scatter of rows, slow on XLA:CPU at large D).
+    single = ref.mem is None and block >= ref.size
+    # ... and the batch against itself (no device axis): one matmul by w + w.T.
+    symmetric = single and ref.live is q
+    return slots, block, qs, sref, rid, single, symmetric
+
+
+def _semihard_tile(v, neg, sap, cols):
+    """Per slot k: the most similar negative with ``v < sap[:, k]`` (unrolled 2-D passes);
+    and the least similar negative (as a max of ``-v``)."""
+    sh = [_top1(jnp.where(neg & (v < sap[:, k:k + 1]), v, -jnp.inf), cols)
+          for k in range(sap.shape[1])]
+    shv, shi = jnp.stack([x[0] for x in sh], 1), jnp.stack([x[1] for x in sh], 1)
+    return (shv, shi), _top1(jnp.where(neg, -v, -jnp.inf), cols)
+
+
+def _one_hot_weights(cols, idx, weight):
+    """``sum_k weight[:, k] * (cols == idx[:, k])``: an [A, n] coefficient tile."""
+    out = jnp.zeros((idx.shape[0], cols.shape[0]), weight.dtype)
+    for k in range(idx.shape[1]):
+        out = out + jnp.where(cols[None, :] == idx[:, k:k + 1], weight[:, k:k + 1], 0)
+    return out
+
+
 def semihard_sums(q: jax.Array, labels: jax.Array, ref: Reference, *, margin,
                   distance: str, block_size: int | None = None,
                   slots: int | None = None) -> HingeSums:
@@ -434,29 +522,32 @@ def semihard_sums(q: jax.Array, labels: jax.Array, ref: Reference, *, margin,
     For each pair (a, p): the most similar negative strictly less similar than p, else the
     least similar negative; :math:`\sum \max(0, s_{an} - s_{ap} + m)` over pairs of anchors
     that have a negative (as :func:`hnm.losses.semihard_margin_sums`). A sweep keeps, per
-    positive slot, a running semi-hard top-1 and, per anchor, the running farthest negative.
+    positive slot, a running semi-hard top-1 and, per anchor, the running farthest negative;
+    the gradient goes through the chosen pairs only.
     """
-    slots = slots or (SLOTS if ref.mem is None else SLOTS_MEMORY)
-    block = auto_block(q.shape[0], ref.size, block_size)
-    qs = jax.lax.stop_gradient(q)
-    rid = jnp.arange(q.shape[0], dtype=jnp.int32) + ref.query_offset
+    slots, block, qs, sref, rid, single, symmetric = _setup(q, ref, block_size, slots)
     margin = jnp.asarray(margin, q.dtype)
     zero = jnp.zeros((), q.dtype)
 
     def body(carry, pcols, found, _chunk):
-        sap = jax.lax.stop_gradient(pair_values(qs[:, None, :], ref.rows(pcols), distance))
+        if single:
+            cols = jnp.arange(ref.size, dtype=jnp.int32)
+            v, slope = _tile_and_slope(qs, sref.live, distance)
+            _, neg = _tile_masks(labels, sref.labels, rid, cols)
+            sap = jnp.take_along_axis(v, pcols, axis=1)
+            (shv, shi), (farv, fari) = _semihard_tile(v, neg, sap, cols)
+        else:
+            sap = pair_values(qs[:, None, :], sref.rows(pcols), distance)
 
-        def fn(state, r, y, cols, _live):
-            v = tile_values(qs, jax.lax.stop_gradient(r), distance)
-            _, neg = _tile_masks(labels, y, rid, cols)
-            cand = neg[:, None, :] & (v[:, None, :] < sap[:, :, None])
-            new_sh = _top1(jnp.where(cand, v[:, None, :], -jnp.inf), cols)
-            new_far = _top1(jnp.where(neg, -v, -jnp.inf), cols)
-            if state is None:
-                return new_sh, new_far
-            return _merge_top1(state[0], new_sh), _merge_top1(state[1], new_far)
+            def fn(state, r, y, cols, _live):
+                v = tile_values(qs, r, distance)
+                _, neg = _tile_masks(labels, y, rid, cols)
+                new_sh, new_far = _semihard_tile(v, neg, sap, cols)
+                if state is None:
+                    return new_sh, new_far
+                return _merge_top1(state[0], new_sh), _merge_top1(state[1], new_far)
 
-        (shv, shi), (farv, fari) = _sweep(ref, block, fn, None)
+            (shv, shi), (farv, fari) = _sweep(sref, block, fn, None)
         has_neg = farv > -jnp.inf
         found_sh = shv > -jnp.inf
         nidx = jnp.where(found_sh, shi, fari[:, None])
@@ -464,20 +555,43 @@ def semihard_sums(q: jax.Array, labels: jax.Array, ref: Reference, *, margin,
         pair = found & has_neg[:, None]
         act = pair & (san - sap + margin > 0)
         w = act.astype(q.dtype)
-        dq_n, dl_n = _grad_pairs(q, ref, nidx, w, distance)
-        dq_p, dl_p = _grad_pairs(q, ref, pcols, -w, distance)
-        value, n, n_act, n_hard, s_ap, s_an, dq, dl = carry
+        if single and qs.shape[1] >= DENSE_GRAD_DIM:
+            # d/ds_an = +1, d/ds_ap = -1 per active pair, as one coefficient tile: one more
+            # matmul, but no row scatter (which costs more than the matmul at large D).
+            coef = _one_hot_weights(cols, nidx, w) - _one_hot_weights(cols, pcols, w)
+            dq, dl = _tile_vjp(qs, sref.live, coef, slope, True, symmetric)
+            dl = jnp.zeros_like(qs) if dl is None else dl
+        else:
+            dq_n, dl_n = _grad_pairs(qs, sref, nidx, w, distance)
+            dq_p, dl_p = _grad_pairs(qs, sref, pcols, -w, distance)
+            dq, dl = dq_n + dq_p, dl_n + dl_p
+        value, n, n_act, n_hard, s_ap, s_an, c_dq, c_dl = carry
         return (value + jnp.sum(jnp.where(act, san - sap + margin, zero)),
-                n + jnp.sum(pair), n_act + jnp.sum(act), n_hard + jnp.sum(pair & (san > sap)),
+                n + _count(pair), n_act + _count(act), n_hard + _count(pair & (san > sap)),
                 s_ap + jnp.sum(jnp.where(pair, sap, zero)),
                 s_an + jnp.sum(jnp.where(pair, san, zero)),
-                dq + dq_n + dq_p, dl + dl_n + dl_p)
+                c_dq + dq, c_dl + dl)
 
     izero = jnp.zeros((), jnp.int32)
     init = (zero, izero, izero, izero, zero, zero, jnp.zeros_like(qs),
-            jnp.zeros_like(jax.lax.stop_gradient(ref.live)))
-    value, n, n_act, n_hard, s_ap, s_an, dq, dl = _chunks(qs, labels, ref, slots, body, init)
+            jnp.zeros_like(sref.live))
+    value, n, n_act, n_hard, s_ap, s_an, dq, dl = _chunks(qs, labels, sref, slots, body, init)
     return HingeSums(_surrogate(value, q, dq, ref.live, dl), n, n_act, n_hard, s_ap, s_an)
+
+
+def _batch_all_tile(v, neg, found, sap, margin):
+    """Per tile: ``coef[a, n]`` = active triplets using negative n, ``n_act[a, k]`` = active
+    triplets of positive slot k, ``n_hard`` = triplets with ``s_an > s_ap``. One 2-D pass
+    per slot (unrolled): XLA:CPU fuses these far better than one [A, S, n] broadcast
+    reduced over its middle axis."""
+    coef, n_act, n_hard = jnp.zeros_like(v), [], jnp.zeros((), jnp.int32)
+    for k in range(sap.shape[1]):
+        ok = neg & found[:, k:k + 1]
+        act = ok & (v - sap[:, k:k + 1] + margin > 0)
+        coef = coef + act.astype(v.dtype)
+        n_act.append(jnp.sum(act, axis=1, dtype=jnp.int32))
+        n_hard = n_hard + _count(ok & (v > sap[:, k:k + 1]))
+    return coef, jnp.stack(n_act, axis=1), n_hard
 
 
 def batch_all_sums(q: jax.Array, labels: jax.Array, ref: Reference, *, margin,
@@ -488,77 +602,75 @@ def batch_all_sums(q: jax.Array, labels: jax.Array, ref: Reference, *, margin,
 
     Per tile, the active-triplet count of each negative
     :math:`c_{an} = \#\{p : s_{an} - s_{ap} + m > 0\}` weights the tile's vector-Jacobian
-    product (``jax.vjp`` of the tile formula: ``c @ r`` for the anchors, ``c.T @ q`` for live
-    reference rows), so the backward work is that of the dense matrix, in tiles.
+    product (``c @ r`` for the anchors, ``c.T @ q`` for live reference rows), so the
+    backward work is that of the dense matrix, in tiles; the positives get
+    :math:`-\#\text{active}(a, p)`.
     """
-    slots = slots or (SLOTS if ref.mem is None else SLOTS_MEMORY)
-    block = auto_block(q.shape[0], ref.size, block_size)
-    qs = jax.lax.stop_gradient(q)
-    rid = jnp.arange(q.shape[0], dtype=jnp.int32) + ref.query_offset
+    slots, block, qs, sref, rid, single, symmetric = _setup(q, ref, block_size, slots)
     margin = jnp.asarray(margin, q.dtype)
     zero = jnp.zeros((), q.dtype)
     live_rows = ref.live_rows
 
     def body(carry, pcols, found, chunk):
-        sap = jax.lax.stop_gradient(pair_values(qs[:, None, :], ref.rows(pcols), distance))
-        first = chunk == 0
+        first = chunk == 0  # per-anchor statistics over negatives: counted once
 
-        def fn(state, r, y, cols, live):
-            r = jax.lax.stop_gradient(r)
-            v = tile_values(qs, r, distance)
+        def fn(state, r, y, cols, live, sap):
+            v, slope = _tile_and_slope(qs, r, distance)
             _, neg = _tile_masks(labels, y, rid, cols)
-            ok = neg[:, None, :] & found[:, :, None]
-            act = ok & (v[:, None, :] - sap[:, :, None] + margin > 0)
-            coef = jnp.sum(act, axis=1, dtype=jnp.int32).astype(q.dtype)  # [A, n]
-            n_act = jnp.sum(act, axis=2, dtype=jnp.int32)                  # [A, S]
-            n_hard = jnp.sum(ok & (v[:, None, :] > sap[:, :, None]), dtype=jnp.int32)
+            if sap is None:  # single tile: the positives' values are its entries
+                sap = jnp.take_along_axis(v, pcols, axis=1)
+            coef, n_act, n_hard = _batch_all_tile(v, neg, found, sap, margin)
             value = jnp.sum(coef * v)
-            # Statistics over every triplet, counted once (first chunk): sum_n s_an, #neg.
             s_neg = jnp.where(first, jnp.sum(jnp.where(neg, v, zero), axis=1), zero)
             n_neg = jnp.where(first, jnp.sum(neg, axis=1, dtype=jnp.int32), 0)
-            if live:
-                _, vjp = jax.vjp(lambda a, b: tile_values(a, b, distance), qs, r)
-                dq, dr = vjp(coef)
-            else:
-                _, vjp = jax.vjp(lambda a: tile_values(a, r, distance), qs)
-                dq, = vjp(coef)
-                dr = None
+            if single:  # fold the positives' coefficients into the one tile
+                coef = coef - _one_hot_weights(cols, pcols,
+                                               jnp.where(found, n_act, 0).astype(v.dtype))
+            dq, dr = _tile_vjp(qs, r, coef, slope, live, symmetric and live)
             new = [value, n_act, n_hard, s_neg, n_neg, dq]
             if state is None:
-                dl = jnp.zeros((live_rows, q.shape[1]), q.dtype)
                 state = _vary([zero, jnp.zeros_like(n_act), jnp.zeros((), jnp.int32),
                                jnp.zeros_like(s_neg), jnp.zeros_like(n_neg),
-                               jnp.zeros_like(dq), dl], qs)
+                               jnp.zeros_like(dq), jnp.zeros((live_rows, q.shape[1]),
+                                                             q.dtype)], qs)
             out = [a + b for a, b in zip(state[:6], new)]
             dl = state[6]
             if dr is not None:
                 start = cols[0]
                 dl = jax.lax.dynamic_update_slice_in_dim(
                     dl, jax.lax.dynamic_slice_in_dim(dl, start, r.shape[0]) + dr, start, 0)
-            return out + [dl]
+            return out + [dl, sap]
 
-        value, n_act, n_hard, s_neg, n_neg, dq, dl = _sweep(ref, block, fn, None)
-        # The positive side: d/ds_ap = -(active triplets of the pair).
-        w = jnp.where(found, -n_act, 0).astype(q.dtype)
-        dq_p, dl_p = _grad_pairs(q, ref, pcols, w, distance)
-        num_pos_here = jnp.sum(found, axis=1, dtype=jnp.int32)
-        c_value, c_num, c_act, c_hard, c_ap, c_an, c_dq, c_dl, c_npos, c_nneg, c_sneg = carry
-        return (c_value + value + jnp.sum(w * jnp.where(found, sap, zero))
-                + margin * jnp.sum(n_act).astype(q.dtype),
-                c_num, c_act + jnp.sum(n_act), c_hard + n_hard,
+        if single:
+            cols = jnp.arange(ref.size, dtype=jnp.int32)
+            value, n_act, n_hard, s_neg, n_neg, dq, dl, sap = fn(
+                None, sref.live, sref.labels, cols, True, None)
+        else:
+            sap = pair_values(qs[:, None, :], sref.rows(pcols), distance)
+            value, n_act, n_hard, s_neg, n_neg, dq, dl, _ = _sweep(
+                sref, block, lambda st, r, y, c, lv: fn(None if st is None else st[:7],
+                                                        r, y, c, lv, sap), None)
+            # The positive side: d/ds_ap = -(active triplets of the pair).
+            w = jnp.where(found, -n_act, 0).astype(q.dtype)
+            dq_p, dl_p = _grad_pairs(qs, sref, pcols, w, distance)
+            dq, dl = dq + dq_p, dl + dl_p
+        npos = jnp.sum(found, axis=1, dtype=jnp.int32)
+        c_value, c_act, c_hard, c_ap, c_dq, c_dl, c_npos, c_nneg, c_sneg = carry
+        return (c_value + value - jnp.sum(jnp.where(found, n_act * sap, zero))
+                + margin * jnp.sum(n_act, dtype=jnp.int32).astype(q.dtype),
+                c_act + jnp.sum(n_act, dtype=jnp.int32), c_hard + n_hard,
                 # sum over triplets of s_ap: each positive repeats once per negative.
                 c_ap + jnp.sum(jnp.where(found, sap, zero), axis=1),
-                c_an, c_dq + dq + dq_p, c_dl + dl + dl_p,
-                c_npos + num_pos_here, c_nneg + n_neg, c_sneg + s_neg)
+                c_dq + dq, c_dl + dl, c_npos + npos, c_nneg + n_neg, c_sneg + s_neg)
 
     num = q.shape[0]
     izero = jnp.zeros((), jnp.int32)
     fzero_a, izero_a = jnp.zeros((num,), q.dtype), jnp.zeros((num,), jnp.int32)
-    init = (zero, izero, izero, izero, fzero_a, zero, jnp.zeros_like(qs),
-            jnp.zeros_like(jax.lax.stop_gradient(ref.live)), izero_a, izero_a, fzero_a)
-    (value, _, n_act, n_hard, sum_ap_a, _, dq, dl, npos, nneg, sneg) = _chunks(
-        qs, labels, ref, slots, body, init)
-    num_triplets = jnp.sum(npos * nneg)
+    init = (zero, izero, izero, fzero_a, jnp.zeros_like(qs), jnp.zeros_like(sref.live),
+            izero_a, izero_a, fzero_a)
+    value, n_act, n_hard, sum_ap_a, dq, dl, npos, nneg, sneg = _chunks(
+        qs, labels, sref, slots, body, init)
+    num_triplets = jnp.sum(npos * nneg, dtype=jnp.int32)
     sum_ap = jnp.sum(nneg.astype(q.dtype) * sum_ap_a)
     sum_an = jnp.sum(npos.astype(q.dtype) * sneg)
     return HingeSums(_surrogate(value, q, dq, ref.live, dl), num_triplets, n_act, n_hard,
