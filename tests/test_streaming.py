@@ -9,6 +9,7 @@ blocks, a remainder block, a memory segment and several positive chunks (``slots
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from absl.testing import absltest, parameterized
 
 from hnm import distances, losses, memory as memory_lib, miners, objectives, streaming
@@ -78,9 +79,17 @@ class StreamingTest(parameterized.TestCase):
             self.assertEqual(got.negative.tolist(), t.negative.tolist())
             self.assertEqual(got.negative[0].item(), 1)  # 1 and 4 tie: the first
 
+    @parameterized.product(name=("semihard", "batch_all"), with_memory=(False, True))
+    def test_hinge_sums_equal_dense_loss_and_gradient(self, name, with_memory):
+        self._check_hinge_sums(name, with_memory, "euclidean")
+
+    @pytest.mark.slow
     @parameterized.product(name=("semihard", "batch_all"), with_memory=(False, True),
-                           distance=("cosine", "euclidean", "squared_euclidean"))
-    def test_hinge_sums_equal_dense_loss_and_gradient(self, name, with_memory, distance):
+                           distance=("cosine", "squared_euclidean"))
+    def test_hinge_sums_equal_dense_other_distances(self, name, with_memory, distance):
+        self._check_hinge_sums(name, with_memory, distance)
+
+    def _check_hinge_sums(self, name, with_memory, distance):
         emb, labels, mem = _problem(2, with_memory)
         dense_fn = (losses.semihard_margin_sums if name == "semihard"
                     else losses.all_triplets_margin_sums)
@@ -108,8 +117,16 @@ class StreamingTest(parameterized.TestCase):
                 np.testing.assert_allclose(got_g, want_g, rtol=1e-6, atol=1e-9)
                 self.assertEqual([int(a) for a in got_aux], [int(a) for a in want_aux])
 
-    @parameterized.parameters("ephn", "epshn", "sct", "batch_hard", "semihard", "batch_all")
+    @parameterized.parameters("epshn", "batch_all")
     def test_objective_block_size_does_not_change_loss_aux_or_gradient(self, name):
+        self._check_block_size(name)
+
+    @pytest.mark.slow
+    @parameterized.parameters("ephn", "sct", "batch_hard", "semihard")
+    def test_objective_block_size_other_objectives(self, name):
+        self._check_block_size(name)
+
+    def _check_block_size(self, name):
         emb, labels, mem = _problem(3, True)
 
         def run(block):
