@@ -43,14 +43,61 @@ def check_labels(labels: Any, name: str = "labels", length: int | None = None,
 
 
 def check_embeddings_and_labels(embeddings: Any, labels: Any) -> None:
-    """The common check of every objective: emb [N, D] floating, labels [N] integer."""
+    """The common check of every objective: emb [B, D] floating with B, D >= 1, labels [B]
+    integer."""
     check_floating_matrix(embeddings, "embeddings")
+    check_nonempty(embeddings, "embeddings", ("B (rows)", "D (columns)"))
     check_labels(labels, "labels", embeddings.shape[0], "embeddings")
 
 
+def check_nonempty(x: Any, name: str, axes: tuple[str, ...]) -> None:
+    """Raises ``ValueError`` naming ``name`` and the axis when an axis of ``x`` has length 0."""
+    for size, axis in zip(x.shape, axes):
+        if size == 0:
+            raise ValueError(f"`{name}` is empty along {axis}: got {_describe(x)}; it needs "
+                             "at least one.")
+
+
+INT32_RANGE = (int(np.iinfo(np.int32).min), int(np.iinfo(np.int32).max))
+
+
+def check_label_values(labels: Any, name: str = "labels", reserved: int | None = None) -> None:
+    """Checks the *values* of concrete integer labels; traced labels pass unchecked.
+
+    Call it before ``jnp.asarray``: without ``jax_enable_x64`` an int64 label >= 2**31 is
+    silently wrapped to int32, so two classes could merge (2**32 becomes 0).
+
+    Args:
+      labels: labels as given (list, NumPy or JAX array); a tracer is skipped.
+      name: the argument's name, for the message.
+      reserved: a value no label may take (the internal mask label), or None.
+
+    Raises:
+      ValueError: a label outside the int32 range, or equal to ``reserved``; the message
+        names the argument and the offending value.
+    """
+    if isinstance(labels, jax.core.Tracer):
+        return
+    values = np.asarray(labels)   # a JAX array: one small host copy of B integers
+    if values.size == 0 or not np.issubdtype(values.dtype, np.integer):
+        return
+    lo, hi = int(values.min()), int(values.max())
+    for v in (lo, hi):
+        if not INT32_RANGE[0] <= v <= INT32_RANGE[1]:
+            raise ValueError(f"`{name}` holds {v}, outside the int32 range "
+                             f"[{INT32_RANGE[0]}, {INT32_RANGE[1]}] labels are compared in; "
+                             "map the class ids to smaller integers (e.g. np.unique(..., "
+                             "return_inverse=True)).")
+    if reserved is not None and lo <= reserved <= hi and np.any(values == reserved):
+        raise ValueError(f"`{name}` holds {reserved}, the value reserved for masked rows "
+                         "(hnm.distances.MASKED_LABEL); use another label for this class.")
+
+
 def check_sim(sim: Any, labels: Any, ref_labels: Any) -> None:
-    """Checks a similarity matrix [A, M] against query labels [A] and reference labels [M]."""
+    """Checks a similarity matrix [A, M] (A, M >= 1) against query labels [A] and reference
+    labels [M]."""
     check_floating_matrix(sim, "sim")
+    check_nonempty(sim, "sim", ("A (rows)", "M (columns)"))
     check_labels(labels, "labels", sim.shape[0], "sim (rows)")
     check_labels(ref_labels, "ref_labels", sim.shape[1], "sim (columns)")
 

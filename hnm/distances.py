@@ -28,19 +28,36 @@ MASKED_LABEL = int(jnp.iinfo(jnp.int32).min)
 def l2_normalize(x: ArrayLike, axis: int = -1, eps: float = NORM_EPS) -> jax.Array:
     r"""Scales rows to unit L2 norm: :math:`x / \max(\lVert x \rVert, \epsilon)`.
 
-    A zero vector stays zero (and has a finite gradient) instead of becoming NaN.
+    A zero vector stays zero (and has a finite gradient) instead of becoming NaN. The norm is
+    computed as :math:`m \lVert x / m \rVert` with :math:`m = \max_i |x_i|`, so squaring
+    never overflows or underflows: rows of magnitude 1e20 or 1e-20 (float32) get their exact
+    norm (rows whose norm is below ``eps`` are divided by ``eps``, as in the official code),
+    and float16 / bfloat16 rows keep their precision. Non-finite input stays non-finite.
+
+    Args:
+      x: array whose ``axis`` is normalised.
+      axis: the axis to normalise.
+      eps: :math:`\epsilon`, the smallest divisor.
 
     Examples:
-      >>> l2_normalize(jnp.array([[3.0, 4.0], [0.0, 0.0]]))
+      >>> l2_normalize(jnp.array([[3.0, 4.0], [0.0, 0.0], [3e30, 4e30]]))
       Array([[0.6, 0.8],
-             [0. , 0. ]], dtype=float32)
+             [0. , 0. ],
+             [0.6, 0.8]], dtype=float32)
     """
     x = jnp.asarray(x)
-    sq = jnp.sum(x * x, axis=axis, keepdims=True)
+    # The scale m only conditions the arithmetic (x / ||x|| does not depend on it), so it
+    # takes no gradient; m = 0 (a zero row) and m = NaN (NaN propagates through x) become 1.
+    scale = jax.lax.stop_gradient(jnp.max(jnp.abs(x), axis=axis, keepdims=True))
+    scale = jnp.where(scale > 0, scale, jnp.ones_like(scale))
+    y = x / scale
+    sq = jnp.sum(y * y, axis=axis, keepdims=True)       # in [1, D] unless the row is zero
+    zero = sq == 0
     # Double-where: sqrt's gradient at 0 is inf, so never evaluate it there.
-    safe_sq = jnp.where(sq > eps * eps, sq, 1.0)
-    norm = jnp.where(sq > eps * eps, jnp.sqrt(safe_sq), eps)
-    return x / norm
+    root = jnp.sqrt(jnp.where(zero, 1.0, sq))
+    norm = jnp.where(zero, 0.0, scale * root)
+    small = norm < eps                                  # false for NaN: NaN stays NaN
+    return jnp.where(small, x / eps, y / root)
 
 
 def _pair(x: ArrayLike, y: ArrayLike | None) -> tuple[jax.Array, jax.Array]:
@@ -283,6 +300,7 @@ def reference_set(embeddings: jax.Array, labels: jax.Array,
                             f"{type(memory).__name__}.")
         mem_emb, mem_labels = jnp.asarray(memory.embeddings), jnp.asarray(memory.labels)
         _checks.check_floating_matrix(mem_emb, "memory.embeddings")
+        _checks.check_nonempty(mem_emb, "memory.embeddings", ("M (slots)", "D (columns)"))
         _checks.check_labels(mem_labels, "memory.labels", mem_emb.shape[0],
                              "memory.embeddings")
         if mem_emb.shape[1] != embeddings.shape[1]:

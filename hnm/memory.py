@@ -34,6 +34,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.typing import ArrayLike
 
 from hnm import _checks
@@ -58,11 +59,14 @@ def init(size: int, dim: int) -> Memory:
       :class:`Memory` with zero embeddings, every label ``MASKED_LABEL`` and ``ptr = 0``.
 
     Raises:
-      ValueError: ``size`` or ``dim`` is not a positive integer.
+      TypeError: ``size`` or ``dim`` is not an integer (a bool, a float, a string).
+      ValueError: ``size`` or ``dim`` is < 1.
     """
     for value, name in ((size, "size"), (dim, "dim")):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"`{name}` must be a positive int; got {value!r}.")
+        _checks.check_option(value, name, _checks.integer(ge=1))
+        if isinstance(value, (jax.Array, np.ndarray)):
+            raise TypeError(f"`{name}` must be a Python int (it fixes a shape); got an array.")
+    size, dim = int(size), int(dim)
     return Memory(jnp.zeros((size, dim), jnp.float32),
                   jnp.full((size,), MASKED_LABEL, jnp.int32), jnp.zeros((), jnp.int32))
 
@@ -73,8 +77,14 @@ def check_memory(memory: Memory, dim: int | None = None, name: str = "memory") -
     if not (hasattr(memory, "embeddings") and hasattr(memory, "labels")):
         raise TypeError(f"`{name}` must be a hnm.memory.Memory; got {type(memory).__name__}.")
     _checks.check_floating_matrix(memory.embeddings, f"{name}.embeddings")
+    _checks.check_nonempty(memory.embeddings, f"{name}.embeddings", ("M (slots)", "D (columns)"))
     _checks.check_labels(memory.labels, f"{name}.labels", memory.embeddings.shape[0],
                          f"{name}.embeddings")
+    ptr = getattr(memory, "ptr", None)
+    if ptr is not None and (jnp.ndim(ptr) != 0
+                            or not jnp.issubdtype(jnp.result_type(ptr), jnp.integer)):
+        raise TypeError(f"`{name}.ptr` must be an integer scalar; got shape {jnp.shape(ptr)} "
+                        f"and dtype {jnp.result_type(ptr)}.")
     if dim is not None and memory.embeddings.shape[1] != dim:
         raise ValueError(f"`{name}.embeddings` has dimension {memory.embeddings.shape[1]} but "
                          f"the embeddings have {dim}; they must match.")
@@ -101,8 +111,12 @@ def enqueue(memory: Memory, embeddings: ArrayLike, labels: ArrayLike, *,
       The new :class:`Memory`.
 
     Raises:
-      ValueError, TypeError: badly shaped or typed arguments, or a dimension mismatch.
+      ValueError, TypeError: badly shaped or typed arguments, a dimension mismatch, or
+        concrete labels outside int32 or equal to ``MASKED_LABEL`` (such a row would be
+        stored as an empty slot, or as another class).
     """
+    # Values before jnp.asarray: an int64 label >= 2**31 would wrap into another class.
+    _checks.check_label_values(labels, "labels", reserved=MASKED_LABEL)
     embeddings, labels = jnp.asarray(embeddings), jnp.asarray(labels)
     _checks.check_embeddings_and_labels(embeddings, labels)
     check_memory(memory, embeddings.shape[1])

@@ -111,6 +111,11 @@ class Reference:
         out.live = live
         return out
 
+    def all_finite(self) -> jax.Array:
+        """Whether every live and memory row is finite (a reduction, no copy)."""
+        ok = jnp.all(jnp.isfinite(self.live))
+        return ok if self.mem is None else ok & jnp.all(jnp.isfinite(self.mem))
+
     def segments(self):
         """``(rows, start column, size, live)`` of each segment."""
         out = [(self.live, 0, self.live_rows, True)]

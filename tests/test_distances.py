@@ -57,6 +57,42 @@ class DistancesTest(parameterized.TestCase):
         g = jax.grad(lambda x: jnp.sum(distances.l2_normalize(x) ** 2 * jnp.arange(2.0)))(x)
         self.assertTrue(np.isfinite(np.asarray(g)).all())
 
+    def test_l2_normalize_extreme_magnitudes(self):
+        """Scaled before squaring: exact unit vectors and closed-form gradients at 1e+-20."""
+        u = np.array([3.0, 4.0, -12.0]) / 13.0
+        w = np.array([1.0, -2.0, 0.5])                   # upstream cotangent
+
+        def value_and_grad(x, **kw):
+            f = lambda x: jnp.sum(distances.l2_normalize(x, **kw) * w)  # noqa: E731
+            return distances.l2_normalize(x, **kw), jax.grad(f)(x)
+
+        for scale, kw in ((1e20, {}), (1e30, {}), (1.0, {}), (1e-20, dict(eps=1e-30)),
+                          (1e-30, dict(eps=1e-36))):
+            with self.subTest(scale=scale):
+                x = jnp.asarray([u * 13.0 * scale], jnp.float32)
+                y, g = value_and_grad(x, **kw)
+                np.testing.assert_allclose(y, [u], rtol=1e-6)
+                # d(x/|x|)^T w = (I - u u^T) w / |x|, in float64.
+                want = (w - u * (u @ w)) / (13.0 * scale)
+                self.assertTrue(np.isfinite(np.asarray(g)).all())
+                np.testing.assert_allclose(np.asarray(g, np.float64)[0], want, rtol=1e-4,
+                                           atol=1e-6 * np.abs(want).max())
+        # Below eps the official formula x / eps holds (SCIENCE.md: x / max(|x|, 1e-12)).
+        x = jnp.asarray([u * 13.0 * 1e-20], jnp.float32)
+        y, g = value_and_grad(x)
+        np.testing.assert_allclose(y, [u * 13.0 * 1e-8], rtol=1e-6)
+        np.testing.assert_allclose(g, [w * 1e12], rtol=1e-6)
+        # Half precision: 300 would overflow float16 when squared (max 65504).
+        for dtype in (jnp.float16, jnp.bfloat16):
+            h = distances.l2_normalize(jnp.asarray([[300.0, 400.0], [3e-4, 4e-4]], dtype))
+            np.testing.assert_allclose(np.asarray(h, np.float32), [[0.6, 0.8]] * 2, atol=5e-3)
+
+    def test_l2_normalize_non_finite_stays_non_finite(self):
+        x = jnp.array([[np.nan, 1.0], [np.inf, 1.0], [-np.inf, 0.0], [1.0, 1.0]])
+        y = np.asarray(distances.l2_normalize(x))
+        self.assertTrue(np.isnan(y[:3]).all())
+        np.testing.assert_allclose(y[3], [2 ** -0.5] * 2, rtol=1e-6)
+
     def test_finite_gradients_for_duplicates_and_zeros(self):
         x = jnp.array([[1.0, 2.0], [1.0, 2.0], [0.0, 0.0], [0.0, 0.0]])
         for fn in (distances.euclidean_distance, distances.cosine_similarity,

@@ -6,6 +6,7 @@ official SCT code's easy-positive / hard-negative rules), not from hnm's code.
 """
 import json
 import os
+import re
 import sys
 
 import jax
@@ -162,6 +163,34 @@ class RingBufferTest(absltest.TestCase):
             objectives.get("sct")(jnp.ones((4, 5)), jnp.arange(4), memory=mem)
         with self.assertRaisesRegex(ValueError, r"\['memory'\]"):
             objectives.get("sct", memory=mem)  # call-time, never a bound option
+
+    def test_bad_memory_inputs_name_the_argument(self):
+        for size, error in ((0, ValueError), (-3, ValueError), (2.5, TypeError),
+                            (True, TypeError), ("8", TypeError)):
+            with self.subTest(size=size):
+                with self.assertRaisesRegex(error, r"`size`.*" + re.escape(repr(size))):
+                    memory.init(size, 2)
+        with self.assertRaisesRegex(ValueError, "`dim`"):
+            memory.init(4, 0)
+        self.assertEqual(memory.init(np.int64(4), np.int32(2)).embeddings.shape, (4, 2))
+        mem = memory.init(4, 2)
+        emb = jnp.ones((2, 2))
+        with self.assertRaisesRegex(ValueError, r"`labels` holds -2147483648.*MASKED_LABEL"):
+            memory.enqueue(mem, emb, np.array([1, MASKED]))
+        with self.assertRaisesRegex(ValueError, r"`labels` holds 4294967296"):
+            memory.enqueue(mem, emb, np.array([0, 2 ** 32], np.int64))
+        with self.assertRaisesRegex(ValueError, r"`embeddings` is empty along B"):
+            memory.enqueue(mem, jnp.ones((0, 2)), jnp.zeros(0, jnp.int32))
+        with self.assertRaisesRegex(TypeError, r"`memory.ptr` must be an integer scalar"):
+            memory.enqueue(memory.Memory(mem.embeddings, mem.labels, jnp.zeros(2)), emb,
+                           jnp.arange(2))
+        with self.assertRaisesRegex(ValueError, r"`memory.embeddings` is empty along M"):
+            objectives.get("sct")(emb, jnp.arange(2),
+                                  memory=memory.Memory(jnp.zeros((0, 2)),
+                                                       jnp.zeros(0, jnp.int32), mem.ptr))
+        # Traced labels are not checked (a jitted step still compiles and runs).
+        out = jax.jit(memory.enqueue)(mem, emb, jnp.array([3, 4]))
+        np.testing.assert_array_equal(out.labels, [3, 4, MASKED, MASKED])
 
     def test_enqueue_passes_no_gradient(self):
         mem = memory.init(4, 2)

@@ -217,6 +217,12 @@ class HandMadeCasesTest(absltest.TestCase):
             miners.mine_easy_positive_hard_negative(jnp.zeros((3, 4)), jnp.zeros(3, jnp.int32))
         with self.assertRaisesRegex(TypeError, "sim"):
             miners.mine_hardest(jnp.zeros((3, 3), jnp.int32), jnp.zeros(3, jnp.int32))
+        for name, fn in ALL_MINERS.items():  # an empty batch: a clear error, not a top_k one
+            with self.subTest(name):
+                with self.assertRaisesRegex(ValueError, r"`sim` is empty along A \(rows\)"):
+                    fn(jnp.zeros((0, 0)), jnp.zeros(0, jnp.int32))
+                with self.assertRaisesRegex(ValueError, r"`sim` is empty along M"):
+                    fn(jnp.zeros((2, 0)), jnp.zeros(2, jnp.int32), jnp.zeros(0, jnp.int32))
 
 
 if __name__ == "__main__":

@@ -12,9 +12,11 @@ import jax.numpy as jnp
 import numpy as np
 from absl.testing import absltest, parameterized
 
+from hnm import distances
 from hnm import objectives
 
 TRIPLET = ("batch_all", "batch_hard", "ephn", "epshn", "sct", "semihard")
+ALL_NAMES = tuple(objectives.names())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -556,6 +558,91 @@ class RegistryAndErrorsTest(parameterized.TestCase):
         with self.assertRaisesRegex(ValueError, r"name.*'nope'.*batch_hard"):
             objectives.check_options("nope", {})
         self.assertFalse(any(objectives.is_parametric(n) for n in objectives.names()))
+
+    @parameterized.parameters(*ALL_NAMES)
+    def test_huge_and_tiny_embeddings_normalise_exactly(self, name):
+        """Every objective normalises by default: scaling the rows by 1e20 or 1e-6 changes
+        neither the loss nor, up to that factor, the gradient (the squared norm of a 1e20 row
+        used to overflow: a finite wrong loss with zero gradient)."""
+        fn = objectives.get(name)
+        emb, labels = _problem(2)
+        key = jax.random.key(0)
+
+        loss_and_grad = jax.jit(jax.value_and_grad(lambda e: fn(e, labels, key)[0]))
+
+        want, want_grad = loss_and_grad(emb)
+        self.assertGreater(float(want), 0.0)
+        for scale in (1e20, 1e-6):
+            with self.subTest(scale=scale):
+                loss, grad = loss_and_grad(emb * np.float32(scale))
+                np.testing.assert_allclose(loss, want, rtol=2e-5, atol=1e-6)
+                np.testing.assert_allclose(np.asarray(grad, np.float64) * scale, want_grad,
+                                           rtol=2e-3, atol=2e-5)
+
+    @parameterized.parameters(*ALL_NAMES)
+    def test_non_finite_embeddings_give_a_nan_loss(self, name):
+        """One NaN or inf element: NaN loss and aux loss (masks would drop the row silently)."""
+        fn = jax.jit(objectives.get(name))
+        emb, labels = _problem(4)
+        key = jax.random.key(0)
+        self.assertTrue(np.isfinite(float(fn(emb, labels, key)[0])))
+        for bad in (np.nan, np.inf, -np.inf):
+            for row in (0, 7):
+                with self.subTest(bad=bad, row=row):
+                    poisoned = emb.copy()
+                    poisoned[row, 1] = bad
+                    loss, aux = fn(poisoned, labels, key)
+                    self.assertTrue(np.isnan(float(loss)))
+                    self.assertTrue(np.isnan(float(aux["loss"])))
+
+    @parameterized.parameters("sct", "supcon")
+    def test_non_finite_rows_poison_every_device_and_the_memory(self, name):
+        from hnm import memory as memory_lib
+        n_dev, local = 8, 3
+        emb, labels = _problem(5, "pk", b=n_dev * local, d=4)
+        emb[7, 0] = np.nan                                   # on device 2 only
+        sharded = objectives.get(name, axis_name="batch")
+        key = jax.random.key(0)
+        shares, aux = jax.pmap(lambda e, y: sharded(e, y, key), axis_name="batch")(
+            emb.reshape(n_dev, local, -1), labels.reshape(n_dev, local))
+        self.assertTrue(np.isnan(np.asarray(shares)).all())
+        self.assertTrue(np.isnan(np.asarray(aux["loss"])).all())
+        emb[7, 0] = 1.0
+        mem = memory_lib.enqueue(memory_lib.init(8, 4), emb[:4], labels[:4])
+        mem = memory_lib.Memory(mem.embeddings.at[1, 2].set(jnp.inf), mem.labels, mem.ptr)
+        fn = objectives.get(name)
+        self.assertTrue(np.isfinite(float(fn(emb, labels, key)[0])))
+        self.assertTrue(np.isnan(float(fn(emb, labels, key, memory=mem)[0])))
+
+    @parameterized.parameters(*ALL_NAMES)
+    def test_empty_batch_and_dimension_name_the_argument(self, name):
+        fn = objectives.get(name)
+        key = jax.random.key(0)
+        with self.assertRaisesRegex(ValueError, r"`embeddings` is empty along B \(rows\)"):
+            fn(jnp.zeros((0, 3)), jnp.zeros(0, jnp.int32), key)
+        with self.assertRaisesRegex(ValueError, r"`embeddings` is empty along D \(columns\)"):
+            fn(jnp.zeros((4, 0)), jnp.arange(4), key)
+
+    @parameterized.parameters(*ALL_NAMES)
+    def test_labels_outside_int32_or_the_mask_value_raise(self, name):
+        fn = objectives.get(name)
+        key = jax.random.key(0)
+        emb, labels = _problem(1)
+        # 2**32 and 0 would wrap to one int32 class: refused, naming the value.
+        big = labels.astype(np.int64)
+        big[big == 0] = 2 ** 32
+        with self.assertRaisesRegex(ValueError, r"`labels` holds 4294967296, outside the int32"):
+            fn(emb, big, key)
+        with self.assertRaisesRegex(ValueError, r"`labels` holds -2147483649"):
+            fn(emb, labels.astype(np.int64) - 2 ** 31 - 1, key)
+        masked = labels.astype(np.int64)
+        masked[3] = distances.MASKED_LABEL
+        for given in (masked, jnp.asarray(masked, jnp.int32), list(map(int, masked))):
+            with self.assertRaisesRegex(ValueError, r"`labels` holds -2147483648.*MASKED_LABEL"):
+                fn(emb, given, key)
+        # In range, int64 labels give the int32 result; traced labels are not checked.
+        want = jax.jit(fn)(emb, labels.astype(np.int32), key)[0]
+        np.testing.assert_allclose(fn(emb, labels.astype(np.int64), key)[0], want, rtol=1e-6)
 
     @parameterized.parameters(*TRIPLET)
     def test_bad_inputs_name_the_argument(self, name):

@@ -54,6 +54,15 @@ loss normalisation are unchanged. Empty or warm-up-masked slots carry
 and, for ``sct``, ``num_easy`` / ``num_hard``. A batch with nothing to learn from gives loss
 0, ``num_valid`` 0 and a zero gradient, never NaN.
 
+**Bad input.** Options are checked by :func:`get` / :func:`check_options` (types and ranges,
+:data:`OPTION_SPECS`); embeddings must be [B, D] floating with B, D >= 1, labels [B] integer;
+concrete labels must lie in the int32 range and differ from ``distances.MASKED_LABEL``
+(checked before any int64 -> int32 conversion could merge classes). **Non-finite input gives a
+non-finite loss**: if any row of the reference set (every device's batch rows and the memory
+rows) holds NaN or inf, ``loss`` and ``aux["loss"]`` are NaN on every device, so a trainer that
+checks the loss stops instead of applying a NaN gradient (the other aux values are then
+meaningless).
+
 References:
   Xuan, Stylianou, Liu, Pless. Hard Negative Examples are Hard, but Useful. ECCV 2020.
   Hermans, Beyer, Leibe. In Defense of the Triplet Loss. 2017.

@@ -30,6 +30,8 @@ def prepare(embeddings: ArrayLike, labels: ArrayLike, normalize: bool,
             ) -> tuple[jax.Array, jax.Array, distances.ReferenceSet]:
     """Checks, optionally L2-normalises, and builds the (possibly global) reference set,
     followed by the memory rows (normalised like the batch) when a memory is given."""
+    # Values first, before jnp.asarray can wrap an int64 label into another class.
+    _checks.check_label_values(labels, "labels", reserved=distances.MASKED_LABEL)
     embeddings, labels = jnp.asarray(embeddings), jnp.asarray(labels)
     _checks.check_embeddings_and_labels(embeddings, labels)
     if normalize:
@@ -163,6 +165,22 @@ def pair_aux(loss_share: jax.Array, cos: jax.Array, pos_mask: jax.Array, neg_mas
         "mean_sim_an": ratio(s["an_sum"], s["n_an"]),
         "frac_active": ratio(s["active"], s["units"]),
     }
+
+
+def finish(loss: jax.Array, aux: Aux, ref: distances.ReferenceSet) -> tuple[jax.Array, Aux]:
+    """``(loss, aux)`` with the loss (and ``aux["loss"]``) NaN when any reference row is
+    non-finite.
+
+    Masks select, so a NaN or inf row would otherwise just drop out (its anchor invalid, its
+    pairs unmined) and leave a finite loss with a NaN gradient: a trainer that watches the
+    loss would apply the update. The reference set holds every device's (normalised) rows
+    and the memory's, so every device's share turns NaN together. The poison is a stopped
+    constant: the gradient is the one computed, never changed.
+    """
+    finite = jnp.all(jnp.isfinite(ref.embeddings))
+    poison = jax.lax.stop_gradient(jnp.where(finite, 0.0, jnp.nan)).astype(loss.dtype)
+    aux = dict(aux, loss=aux["loss"] + poison.astype(aux["loss"].dtype))
+    return loss + poison, aux
 
 
 # ---------------------------------------------------------------------------------------------

@@ -137,7 +137,7 @@ def contrastive(embeddings: ArrayLike, labels: ArrayLike, key: jax.Array | None 
                            sim_an_sum=_common.masked_sum(cos, neg_mask), num_an=jnp.sum(neg_mask),
                            num_valid=pos_active + neg_active, num_active=pos_active + neg_active,
                            num_units=jnp.sum(pos_mask) + jnp.sum(neg_mask), axis_name=axis_name)
-    return loss, aux
+    return _common.finish(loss, aux, ref)
 
 
 # -------------------------------------------------------------------- multi-similarity
@@ -208,7 +208,7 @@ def multi_similarity(embeddings: ArrayLike, labels: ArrayLike, key: jax.Array | 
                            sim_an_sum=_common.masked_sum(cos, neg_keep), num_an=num_neg,
                            num_valid=num_mined, num_active=num_mined,
                            num_units=jnp.sum(pos_mask) + jnp.sum(neg_mask), axis_name=axis_name)
-    return loss, aux
+    return _common.finish(loss, aux, ref)
 
 
 # ---------------------------------------------------------------------------- SupCon
@@ -278,7 +278,7 @@ def supcon(embeddings: ArrayLike, labels: ArrayLike, key: jax.Array | None = Non
                            sim_an_sum=_common.masked_sum(cos, neg_mask), num_an=jnp.sum(neg_mask),
                            num_valid=jnp.sum(jnp.where(active, num_pos, 0)), num_active=num_active,
                            num_units=jnp.sum(has_pos), axis_name=axis_name)
-    return loss, aux
+    return _common.finish(loss, aux, ref)
 
 
 # ------------------------------------------------------------ distance-weighted sampling
@@ -364,7 +364,8 @@ def distance_weighted(embeddings: ArrayLike, labels: ArrayLike, key: jax.Array |
     cos = jax.lax.stop_gradient(1.0 - 0.5 * dist2)   # unit vectors: d^2 = 2 - 2 cos
     cos_ap, cos_an = miners.gather_sims(cos, t)
     # Explicit triplets: the triplet objectives' aux, frac_hard over the sampled triplets.
-    return share, _common.triplet_aux(cos_ap, cos_an, per_triplet, valid, share, axis_name)
+    return _common.finish(
+        share, _common.triplet_aux(cos_ap, cos_an, per_triplet, valid, share, axis_name), ref)
 
 
 # What each option accepts (checked by hnm.objectives.get / check_options before compiling).

@@ -58,6 +58,14 @@ def _prepare(embeddings, labels, normalize, axis_name, memory):
                                             memory, normalize_memory=normalize)
 
 
+def _finish(loss, aux, ref):
+    """:func:`hnm.objectives._common.finish` on a segmented reference set: NaN loss when any
+    reference row (batch or memory) is non-finite, checked without concatenating them."""
+    class _Rows:  # finish reads only ``.embeddings``; a [1, 1] flag stands in for the rows
+        embeddings = jnp.where(ref.all_finite(), 0.0, jnp.nan).reshape(1, 1)
+    return _common.finish(loss, aux, _Rows)
+
+
 def _block(block_size):
     return None if block_size == 0 else block_size
 
@@ -88,16 +96,17 @@ def _official_triplets(embeddings, labels, axis_name, rule, duplicate_threshold,
               & (jnp.abs(mined.sim_an) < VALID_SIM_BOUND))
     valid = mined.valid & inside
     sim_ap, sim_an = _chosen_similarities(emb, ref, mined, "cosine")
-    return sim_ap, sim_an, valid
+    return sim_ap, sim_an, valid, ref
 
 
 def _soft_objective(embeddings, labels, axis_name, rule, temperature, duplicate_threshold,
                     memory, block_size):
-    sim_ap, sim_an, valid = _official_triplets(embeddings, labels, axis_name, rule,
-                                               duplicate_threshold, memory, block_size)
+    sim_ap, sim_an, valid, ref = _official_triplets(embeddings, labels, axis_name, rule,
+                                                    duplicate_threshold, memory, block_size)
     per_triplet = losses.soft_triplet_loss(sim_ap, sim_an, temperature=temperature)
     loss = _common.reduce(per_triplet, valid, "mean", axis_name)
-    return loss, _common.triplet_aux(sim_ap, sim_an, per_triplet, valid, loss, axis_name)
+    return _finish(loss, _common.triplet_aux(sim_ap, sim_an, per_triplet, valid, loss,
+                                                    axis_name), ref)
 
 
 def ephn(embeddings: ArrayLike, labels: ArrayLike, key: jax.Array | None = None, *,
@@ -132,6 +141,17 @@ def ephn(embeddings: ArrayLike, labels: ArrayLike, key: jax.Array | None = None,
 
     Raises:
       ValueError, TypeError: for badly shaped or typed ``embeddings`` / ``labels``.
+
+    Examples:
+      Four unit vectors, classes {0, 1} and {2, 3}. Anchor 1's positive (cosine 0.6) is less
+      similar than its negative 2 (0.8): hard; anchor 2 ties (0.8 and 0.8): not hard. The loss
+      is the mean of softplus(-6), softplus(2), softplus(0), softplus(-5.2):
+
+      >>> import jax.numpy as jnp
+      >>> emb = jnp.array([[1.0, 0.0], [0.6, 0.8], [0.0, 1.0], [-0.6, 0.8]])
+      >>> loss, aux = ephn(emb, jnp.array([0, 0, 1, 1]))
+      >>> round(float(loss), 4), float(aux["frac_hard"])
+      (0.707, 0.25)
 
     References:
       Xuan et al. Hard Negative Examples are Hard, but Useful. ECCV 2020.
@@ -237,7 +257,7 @@ def sct(embeddings: ArrayLike, labels: ArrayLike, key: jax.Array | None = None, 
     del key
     _checks.check_choice(hard_rule, "hard_rule", losses.HARD_RULES)
     _checks.check_choice(normalization, "normalization", NORMALIZATIONS)
-    sim_ap, sim_an, valid = _official_triplets(
+    sim_ap, sim_an, valid, ref = _official_triplets(
         embeddings, labels, axis_name, "easy_hard", duplicate_threshold, memory, block_size)
     easy, hard = losses.sct_masks(sim_ap, sim_an, hard_threshold=hard_threshold,
                                   hard_rule=hard_rule)
@@ -252,7 +272,7 @@ def sct(embeddings: ArrayLike, labels: ArrayLike, key: jax.Array | None = None, 
                 + _common.reduce(per_triplet, hard, "mean", axis_name))
     aux = _common.triplet_aux(sim_ap, sim_an, per_triplet, valid, loss, axis_name,
                        num_easy=easy.sum(), num_hard=hard.sum())
-    return loss, aux
+    return _finish(loss, aux, ref)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -326,7 +346,8 @@ def batch_hard(embeddings: ArrayLike, labels: ArrayLike, key: jax.Array | None =
     else:
         per_triplet = losses.triplet_margin_loss(sim_ap, sim_an, margin=margin)
     loss = _common.reduce(per_triplet, t.valid, reduction, axis_name)
-    return loss, _common.triplet_aux(sim_ap, sim_an, per_triplet, t.valid, loss, axis_name)
+    return _finish(
+        loss, _common.triplet_aux(sim_ap, sim_an, per_triplet, t.valid, loss, axis_name), ref)
 
 
 def semihard(embeddings: ArrayLike, labels: ArrayLike, key: jax.Array | None = None, *,
@@ -375,7 +396,7 @@ def semihard(embeddings: ArrayLike, labels: ArrayLike, key: jax.Array | None = N
     loss = distances.global_mean_of(st.loss_sum, st.num, axis_name)
     s = _common.global_stats(axis_name, n=st.num, hard=st.num_hard, ap=st.sum_ap,
                              an=st.sum_an, active=st.num_active, loss=loss)
-    return loss, _common.aux_from_stats(s)
+    return _finish(loss, _common.aux_from_stats(s), ref)
 
 
 def batch_all(embeddings: ArrayLike, labels: ArrayLike, key: jax.Array | None = None, *,
@@ -428,7 +449,7 @@ def batch_all(embeddings: ArrayLike, labels: ArrayLike, key: jax.Array | None = 
     # Means over every triplet: s_ap repeats once per negative, s_an once per positive.
     s = _common.global_stats(axis_name, n=at.num, hard=at.num_hard, ap=at.sum_ap,
                              an=at.sum_an, active=at.num_active, loss=loss)
-    return loss, _common.aux_from_stats(s)
+    return _finish(loss, _common.aux_from_stats(s), ref)
 
 
 _DISTANCE = _checks.choice(tuple(distances.SIMILARITIES))
