@@ -304,7 +304,8 @@ def main(argv=None) -> None:
           f"torch {getattr(torch, '__version__', 'absent')}; {_load()} at the start.\n")
     print("P x K labels with K = 4; forward + backward wrt the embeddings; best-of-N ms; the "
           "limit is the faster of JAX's and torch's bare matmul fwd+bwd, timed at the start "
-          "and the end of the row (ms shown as start/end), minimum used.\n")
+          "and the end of the row (ms shown as start/end) and JAX's also in alternation with "
+          "every objective; the minimum of all is used.\n")
     summary: dict = {}
     if not args.no_batch:
         batch_grid(sizes, dims, names, pml, args.pml_max_b, torch, pml_missing, summary)

@@ -45,9 +45,8 @@ Block size (``block_size`` option of the objectives; 0 there means ``None`` here
 picks :func:`auto_block`, which keeps the whole reference set in one tile while ``A·M`` is
 at most :data:`DENSE_ELEMENTS` values (the per-anchor rules run it in anchor blocks of
 :data:`ANCHOR_BLOCK`, so a plain batch of any size is one tile per anchor block) and streams
-in tiles of about :data:`DENSE_ELEMENTS` values beyond that. ``semihard`` / ``batch_all``
-keep a batch *without memory* in one tile whatever its size (O(B^2), as before) and stream
-only with a memory. An int forces that many reference rows per tile.
+in tiles of about :data:`DENSE_ELEMENTS` values beyond that. An int forces that many
+reference rows per tile.
 """
 from __future__ import annotations
 
@@ -491,10 +490,10 @@ class HingeSums(NamedTuple):
 
 def _setup(q, ref, block_size, slots):
     slots = slots or (SLOTS if ref.mem is None else SLOTS_MEMORY)
-    # Automatic: a batch without memory is one tile (O(A M) memory, like the dense path:
-    # streaming it would cost a gather and a scatter of rows, 2-4x slower at B = 2048).
-    block = (ref.size if block_size is None and ref.mem is None
-             else auto_block(q.shape[0], ref.size, block_size))
+    # Automatic: one tile up to 2^20 values. A whole B = 2048 batch as one 16 MiB tile was
+    # measured slower (semihard 4.9x, batch_all 13.7x the limit) than tiles of 512 rows
+    # (3.0x, 9.2x): its many passes fall out of cache.
+    block = auto_block(q.shape[0], ref.size, block_size)
     qs = jax.lax.stop_gradient(q)
     # Everything inside the loops is stopped: the gradient is assembled by hand (the tile's
     # vector-Jacobian product), and a live input would make JAX carry a tangent through them.

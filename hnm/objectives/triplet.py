@@ -12,12 +12,13 @@ masked reductions (a running top-1 per anchor) and recompute only the chosen sim
 from gathered rows, so their backward pass is O(A D). ``semihard`` and ``batch_all`` find
 each anchor's positives from sorted labels and sweep the reference set once per chunk of
 positives with running semi-hard choices / running active-triplet counts and gradients.
-Option ``block_size`` (all six): ``0`` (default) picks the tile automatically: a batch
-without memory is mined in one tile per block of 256 anchors (``semihard`` / ``batch_all``:
-one B x B tile, O(B^2) memory as before); with a cross-batch memory the reference set is
-streamed in tiles of about 2^20 values (:func:`hnm.streaming.auto_block`), so the peak
-temporary memory is O(A x block + M x D) whatever the memory size M. An int > 0 forces that
-many reference rows per tile. Loss and gradient equal the dense ones
+Option ``block_size`` (all six): ``0`` (default) picks the tile automatically
+(:func:`hnm.streaming.auto_block`): the whole reference set in one tile while anchors x
+reference rows is at most 2^20 values (per block of 256 anchors for the per-anchor
+objectives, so any plain batch is one tile for them; ``semihard`` / ``batch_all`` stream a
+batch above 1024), else tiles of about 2^20 values, e.g. against a cross-batch memory; the
+peak temporary memory is O(A x block + M x D) whatever the memory size M. An int > 0 forces
+that many reference rows per tile. Loss and gradient equal the dense ones
 (``tests/test_streaming.py``).
 
 References:
