@@ -558,7 +558,7 @@ class RegistryAndErrorsTest(parameterized.TestCase):
         message = str(ctx.exception)
         self.assertEqual(message,
                          "unknown option(s) ['margin'] for objective 'ephn'; valid options: "
-                         "['duplicate_threshold', 'temperature'].")
+                         "['block_size', 'duplicate_threshold', 'temperature'].")
         with self.assertRaisesRegex(ValueError, r"name.*'nope'.*batch_hard"):
             objectives.check_options("nope", {})
         self.assertFalse(any(objectives.is_parametric(n) for n in objectives.OBJECTIVES))

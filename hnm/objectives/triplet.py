@@ -5,12 +5,21 @@ Each returns ``(loss, aux)`` as described in :mod:`hnm.objectives`; here ``frac_
 fraction of the valid mined (or, for ``batch_all``, enumerated) triplets with
 :math:`S_{an} > S_{ap}` in the objective's similarity.
 
-Speed: the per-anchor objectives (``ephn``, ``epshn``, ``sct``, ``batch_hard``) mine on one
-stopped similarity matrix and recompute only the chosen similarities from gathered rows, so
-their backward pass is O(B D) instead of another B x B x D matmul. ``semihard`` and
-``batch_all`` need the whole live matrix but only O(B^2) memory: their hinge sums are exact
-linear forms in it, with integer weights counted on stopped values in one O(B^2) pass per
-positive slot (``hnm.losses.all_triplets_margin_sums`` / ``semihard_margin_sums``).
+Speed and memory (:mod:`hnm.streaming`): no objective here builds the A x M similarity
+matrix of its A anchors against the M reference rows. The per-anchor objectives (``ephn``,
+``epshn``, ``sct``, ``batch_hard``) mine in tiles of anchors x reference rows with fused
+masked reductions (a running top-1 per anchor) and recompute only the chosen similarities
+from gathered rows, so their backward pass is O(A D). ``semihard`` and ``batch_all`` find
+each anchor's positives from sorted labels and sweep the reference set once per chunk of
+positives with running semi-hard choices / running active-triplet counts and gradients.
+Option ``block_size`` (all six): ``0`` (default) picks the tile automatically
+(:func:`hnm.streaming.auto_block`): the whole reference set in one tile while anchors x
+reference rows is at most 2^20 values (per block of 256 anchors for the per-anchor
+objectives, so any plain batch is one tile for them; ``semihard`` / ``batch_all`` stream a
+batch above 1024), else tiles of about 2^20 values, e.g. against a cross-batch memory; the
+peak temporary memory is O(A x block + M x D) whatever the memory size M. An int > 0 forces
+that many reference rows per tile. Loss and gradient equal the dense ones
+(``tests/test_streaming.py``).
 
 References:
   Xuan, Stylianou, Liu, Pless. Hard Negative Examples are Hard, but Useful. ECCV 2020.
@@ -27,6 +36,7 @@ from hnm import _checks
 from hnm import distances
 from hnm import losses
 from hnm import miners
+from hnm import streaming
 from hnm.memory import Memory
 from hnm.objectives import _common
 
@@ -40,42 +50,71 @@ Aux = _common.Aux
 # The official SCT code's objectives: ephn, epshn, sct (cosine similarity, T = 0.1).
 
 
-def _official_triplets(embeddings, labels, axis_name, miner, duplicate_threshold,
-                       memory=None):
+def _prepare(embeddings, labels, normalize, axis_name, memory):
+    """Checks, optionally L2-normalises, and builds the reference set as segments (the
+    (gathered) live batch, then the memory rows, never concatenated: see
+    :class:`hnm.streaming.Reference`)."""
+    emb, labels, ref = _common.prepare(embeddings, labels, normalize, axis_name, None)
+    return emb, labels, streaming.Reference(ref.embeddings, ref.labels, ref.query_offset,
+                                            memory, normalize_memory=normalize)
+
+
+def _finish(loss, aux, ref):
+    """:func:`hnm.objectives._common.finish` on a segmented reference set: NaN loss when any
+    reference row (batch or memory) is non-finite, checked without concatenating them."""
+    class _Rows:  # finish reads only ``.embeddings``; a [1, 1] flag stands in for the rows
+        embeddings = jnp.where(ref.all_finite(), 0.0, jnp.nan).reshape(1, 1)
+    return _common.finish(loss, aux, _Rows)
+
+
+def _block(block_size):
+    return None if block_size == 0 else block_size
+
+
+def _chosen_similarities(emb, ref, mined, distance):
+    """Live similarities of the chosen pairs from gathered rows (O(A D) backward)."""
+    rowwise = _common.kernel(distance).rowwise
+    return (rowwise(emb, ref.rows(mined.positive)), rowwise(emb, ref.rows(mined.negative)))
+
+
+def _official_triplets(embeddings, labels, axis_name, rule, duplicate_threshold,
+                       memory=None, block_size=0):
     """Mining and S_ap / S_an exactly as ``littleredxh/HardNegative`` ``_code/Loss.py``.
 
-    x / max(||x||, 1e-12); one stopped cosine matrix for the choice (self-pairs excluded);
-    an anchor counts only when a positive and a negative were found and both chosen values lie
-    strictly inside (-1, 1) (the official code marks "none found" with -1, so a chosen cosine
-    of exactly -1, or a negative duplicate at 1, also invalidates the anchor).
+    x / max(||x||, 1e-12); stopped cosines for the choice (self-pairs excluded), the rule of
+    :func:`hnm.miners.mine_easy_positive_hard_negative` (``rule="easy_hard"``) or
+    ``mine_easy_positive_semihard_negative`` (``"easy_semihard"``), computed tile by tile
+    (:func:`hnm.streaming.mine_per_anchor`); an anchor counts only when a positive and a
+    negative were found and both chosen values lie strictly inside (-1, 1) (the official
+    code marks "none found" with -1, so a chosen cosine of exactly -1, or a negative
+    duplicate at 1, also invalidates the anchor).
     """
-    emb, labels, ref = _common.prepare(embeddings, labels, True, axis_name, memory)
-    # The mining matrix is computed once and never differentiated.
-    mine_sim = jax.lax.stop_gradient(emb @ ref.embeddings.T)
-    t = miner(mine_sim, labels, ref.labels, query_offset=ref.query_offset,
-              duplicate_threshold=duplicate_threshold)
-    chosen_ap, chosen_an = miners.gather_sims(mine_sim, t)
-    inside = ((jnp.abs(chosen_ap) < VALID_SIM_BOUND) & (jnp.abs(chosen_an) < VALID_SIM_BOUND))
-    valid = t.valid & inside
-    sim_ap = _common.row_similarity(emb, ref.embeddings, t.positive, "cosine")
-    sim_an = _common.row_similarity(emb, ref.embeddings, t.negative, "cosine")
+    emb, labels, ref = _prepare(embeddings, labels, True, axis_name, memory)
+    mined = streaming.mine_per_anchor(emb, labels, ref, rule, distance="cosine",
+                                      duplicate_threshold=duplicate_threshold,
+                                      block_size=_block(block_size))
+    inside = ((jnp.abs(mined.sim_ap) < VALID_SIM_BOUND)
+              & (jnp.abs(mined.sim_an) < VALID_SIM_BOUND))
+    valid = mined.valid & inside
+    sim_ap, sim_an = _chosen_similarities(emb, ref, mined, "cosine")
     return sim_ap, sim_an, valid, ref
 
 
-def _soft_objective(embeddings, labels, axis_name, miner, temperature, duplicate_threshold,
-                    memory):
-    sim_ap, sim_an, valid, ref = _official_triplets(embeddings, labels, axis_name, miner,
-                                               duplicate_threshold, memory)
+def _soft_objective(embeddings, labels, axis_name, rule, temperature, duplicate_threshold,
+                    memory, block_size):
+    sim_ap, sim_an, valid, ref = _official_triplets(embeddings, labels, axis_name, rule,
+                                                    duplicate_threshold, memory, block_size)
     per_triplet = losses.soft_triplet_loss(sim_ap, sim_an, temperature=temperature)
     loss = _common.reduce(per_triplet, valid, "mean", axis_name)
-    return _common.finish(loss, _common.triplet_aux(sim_ap, sim_an, per_triplet, valid, loss,
+    return _finish(loss, _common.triplet_aux(sim_ap, sim_an, per_triplet, valid, loss,
                                                     axis_name), ref)
 
 
 def ephn(embeddings: ArrayLike, labels: ArrayLike, key: jax.Array | None = None, *,
          axis_name: str | None = None, memory: Memory | None = None,
          temperature: ArrayLike = losses.TEMPERATURE,
-         duplicate_threshold: float = miners.DUPLICATE_THRESHOLD) -> tuple[jax.Array, Aux]:
+         duplicate_threshold: float = miners.DUPLICATE_THRESHOLD,
+         block_size: int = 0) -> tuple[jax.Array, Aux]:
     r"""Easy-positive / hard-negative soft triplet loss (official ``hn`` setting).
 
     .. math::
@@ -95,6 +134,7 @@ def ephn(embeddings: ArrayLike, labels: ArrayLike, key: jax.Array | None = None,
       memory: a cross-batch memory (:mod:`hnm.memory`) whose rows join the candidates.
       temperature: T.
       duplicate_threshold: positives with cosine above this are skipped.
+      block_size: reference rows per tile; 0 picks it (:mod:`hnm.streaming`).
 
     Returns:
       ``(loss, aux)``: this device's share of the loss (the loss itself on one device) and
@@ -119,14 +159,15 @@ def ephn(embeddings: ArrayLike, labels: ArrayLike, key: jax.Array | None = None,
     """
     del key
     return _soft_objective(embeddings, labels, axis_name,
-                           miners.mine_easy_positive_hard_negative, temperature,
-                           duplicate_threshold, memory)
+                           "easy_hard", temperature, duplicate_threshold, memory,
+                           block_size)
 
 
 def epshn(embeddings: ArrayLike, labels: ArrayLike, key: jax.Array | None = None, *,
           axis_name: str | None = None, memory: Memory | None = None,
           temperature: ArrayLike = losses.TEMPERATURE,
-          duplicate_threshold: float = miners.DUPLICATE_THRESHOLD) -> tuple[jax.Array, Aux]:
+          duplicate_threshold: float = miners.DUPLICATE_THRESHOLD,
+         block_size: int = 0) -> tuple[jax.Array, Aux]:
     r"""Easy-positive / semi-hard-negative soft triplet loss (official ``shn`` setting).
 
     As :func:`ephn`, with the negative of
@@ -145,6 +186,7 @@ def epshn(embeddings: ArrayLike, labels: ArrayLike, key: jax.Array | None = None
       memory: a cross-batch memory whose rows join the candidates (not the anchors).
       temperature: T.
       duplicate_threshold: positives with cosine above this are skipped.
+      block_size: reference rows per tile; 0 picks it (:mod:`hnm.streaming`).
 
     Returns:
       ``(loss, aux)``.
@@ -157,8 +199,8 @@ def epshn(embeddings: ArrayLike, labels: ArrayLike, key: jax.Array | None = None
     """
     del key
     return _soft_objective(embeddings, labels, axis_name,
-                           miners.mine_easy_positive_semihard_negative, temperature,
-                           duplicate_threshold, memory)
+                           "easy_semihard", temperature, duplicate_threshold, memory,
+                           block_size)
 
 
 def sct(embeddings: ArrayLike, labels: ArrayLike, key: jax.Array | None = None, *,
@@ -166,7 +208,8 @@ def sct(embeddings: ArrayLike, labels: ArrayLike, key: jax.Array | None = None, 
         temperature: ArrayLike = losses.TEMPERATURE, hard_weight: ArrayLike = 1.0,
         hard_threshold: ArrayLike = losses.HARD_THRESHOLD, hard_rule: str = "or",
         normalization: str = "joint",
-        duplicate_threshold: float = miners.DUPLICATE_THRESHOLD) -> tuple[jax.Array, Aux]:
+        duplicate_threshold: float = miners.DUPLICATE_THRESHOLD,
+        block_size: int = 0) -> tuple[jax.Array, Aux]:
     r"""Selectively Contrastive Triplet loss on easy-positive / hard-negative triplets.
 
     ``normalization="joint"`` (the current official release):
@@ -201,6 +244,7 @@ def sct(embeddings: ArrayLike, labels: ArrayLike, key: jax.Array | None = None, 
       hard_rule: ``"or"`` or ``"and"``.
       normalization: ``"joint"`` or ``"separate"``.
       duplicate_threshold: positives with cosine above this are skipped.
+      block_size: reference rows per tile; 0 picks it (:mod:`hnm.streaming`).
 
     Returns:
       ``(loss, aux)``; aux also has ``num_easy`` and ``num_hard``.
@@ -215,8 +259,7 @@ def sct(embeddings: ArrayLike, labels: ArrayLike, key: jax.Array | None = None, 
     _checks.check_choice(hard_rule, "hard_rule", losses.HARD_RULES)
     _checks.check_choice(normalization, "normalization", NORMALIZATIONS)
     sim_ap, sim_an, valid, ref = _official_triplets(
-        embeddings, labels, axis_name, miners.mine_easy_positive_hard_negative,
-        duplicate_threshold, memory)
+        embeddings, labels, axis_name, "easy_hard", duplicate_threshold, memory, block_size)
     easy, hard = losses.sct_masks(sim_ap, sim_an, hard_threshold=hard_threshold,
                                   hard_rule=hard_rule)
     easy, hard = easy & valid, hard & valid
@@ -230,7 +273,7 @@ def sct(embeddings: ArrayLike, labels: ArrayLike, key: jax.Array | None = None, 
                 + _common.reduce(per_triplet, hard, "mean", axis_name))
     aux = _common.triplet_aux(sim_ap, sim_an, per_triplet, valid, loss, axis_name,
                        num_easy=easy.sum(), num_hard=hard.sum())
-    return _common.finish(loss, aux, ref)
+    return _finish(loss, aux, ref)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -251,8 +294,8 @@ def _check_metric_options(distance: str, reduction: str | None = None) -> None:
 def batch_hard(embeddings: ArrayLike, labels: ArrayLike, key: jax.Array | None = None, *,
                axis_name: str | None = None, memory: Memory | None = None,
                margin: ArrayLike = 0.2, distance: str = "euclidean", normalize: bool = True,
-               soft: bool = False,
-               reduction: str = "mean") -> tuple[jax.Array, Aux]:
+               soft: bool = False, reduction: str = "mean",
+               block_size: int = 0) -> tuple[jax.Array, Aux]:
     r"""Batch-hard triplet loss: hardest positive and hardest negative per anchor.
 
     .. math::
@@ -279,6 +322,7 @@ def batch_hard(embeddings: ArrayLike, labels: ArrayLike, key: jax.Array | None =
       normalize: L2-normalise the embeddings first.
       soft: soft margin instead of the hinge.
       reduction: ``"mean"`` or ``"avg_nonzero"``.
+      block_size: reference rows per tile; 0 picks it (:mod:`hnm.streaming`).
 
     Returns:
       ``(loss, aux)``.
@@ -291,26 +335,26 @@ def batch_hard(embeddings: ArrayLike, labels: ArrayLike, key: jax.Array | None =
     """
     del key
     _check_metric_options(distance, reduction)
-    emb, labels, ref = _common.prepare(embeddings, labels, _normalizes(distance, normalize),
-                                       axis_name, memory)
-    # One stopped matrix for the choice; the loss recomputes only the chosen pairs.
-    mine_sim = _common.mining_matrix(emb, ref.embeddings, distance)
-    t = miners.mine_hardest(mine_sim, labels, ref.labels, query_offset=ref.query_offset)
-    sim_ap = _common.row_similarity(emb, ref.embeddings, t.positive, distance)
-    sim_an = _common.row_similarity(emb, ref.embeddings, t.negative, distance)
+    emb, labels, ref = _prepare(embeddings, labels, _normalizes(distance, normalize),
+                                axis_name, memory)
+    # Stopped tiles for the choice; the loss recomputes only the chosen pairs.
+    mined = streaming.mine_per_anchor(emb, labels, ref, "hardest", distance=distance,
+                                      block_size=_block(block_size))
+    sim_ap, sim_an = _chosen_similarities(emb, ref, mined, distance)
+    t = mined
     if soft:
         per_triplet = losses.soft_triplet_loss(sim_ap, sim_an, temperature=1.0)
     else:
         per_triplet = losses.triplet_margin_loss(sim_ap, sim_an, margin=margin)
     loss = _common.reduce(per_triplet, t.valid, reduction, axis_name)
-    return _common.finish(
+    return _finish(
         loss, _common.triplet_aux(sim_ap, sim_an, per_triplet, t.valid, loss, axis_name), ref)
 
 
 def semihard(embeddings: ArrayLike, labels: ArrayLike, key: jax.Array | None = None, *,
              axis_name: str | None = None, memory: Memory | None = None,
              margin: ArrayLike = 0.2, distance: str = "euclidean",
-             normalize: bool = True) -> tuple[jax.Array, Aux]:
+             normalize: bool = True, block_size: int = 0) -> tuple[jax.Array, Aux]:
     r"""Semi-hard triplet loss over every anchor-positive pair (TFA ``TripletSemiHardLoss``).
 
     .. math::
@@ -333,6 +377,7 @@ def semihard(embeddings: ArrayLike, labels: ArrayLike, key: jax.Array | None = N
       distance: a name of :data:`hnm.distances.SIMILARITIES` (``"euclidean"`` is TFA's
         ``"L2"``).
       normalize: L2-normalise the embeddings first.
+      block_size: reference rows per tile; 0 picks it (:mod:`hnm.streaming`).
 
     Returns:
       ``(loss, aux)``; ``num_valid`` counts anchor-positive pairs.
@@ -345,23 +390,21 @@ def semihard(embeddings: ArrayLike, labels: ArrayLike, key: jax.Array | None = N
     """
     del key
     _check_metric_options(distance)
-    emb, labels, ref = _common.prepare(embeddings, labels, _normalizes(distance, normalize),
-                                       axis_name, memory)
-    sim = _common.similarity_matrix(emb, ref.embeddings, distance)
-    st = losses.semihard_margin_sums(sim, labels, ref.labels, query_offset=ref.query_offset,
-                                     margin=margin)
-    count = jnp.sum(st.num_pairs)
-    loss = distances.global_mean_of(jnp.sum(st.loss_sum), count, axis_name)
-    s = _common.global_stats(axis_name, n=count, hard=jnp.sum(st.num_hard),
-                      ap=jnp.sum(st.sum_sim_ap), an=jnp.sum(st.sum_sim_an),
-                      active=jnp.sum(st.num_active), loss=loss)
-    return _common.finish(loss, _common.aux_from_stats(s), ref)
+    emb, labels, ref = _prepare(embeddings, labels, _normalizes(distance, normalize),
+                                axis_name, memory)
+    st = streaming.semihard_sums(emb, labels, ref, margin=margin, distance=distance,
+                                 block_size=_block(block_size))
+    loss = distances.global_mean_of(st.loss_sum, st.num, axis_name)
+    s = _common.global_stats(axis_name, n=st.num, hard=st.num_hard, ap=st.sum_ap,
+                             an=st.sum_an, active=st.num_active, loss=loss)
+    return _finish(loss, _common.aux_from_stats(s), ref)
 
 
 def batch_all(embeddings: ArrayLike, labels: ArrayLike, key: jax.Array | None = None, *,
               axis_name: str | None = None, memory: Memory | None = None,
               margin: ArrayLike = 0.2, distance: str = "euclidean", normalize: bool = True,
-              reduction: str = "avg_nonzero") -> tuple[jax.Array, Aux]:
+              reduction: str = "avg_nonzero",
+              block_size: int = 0) -> tuple[jax.Array, Aux]:
     r"""Hinge triplet loss over all triplets (a, p, n) of the batch.
 
     .. math::
@@ -384,6 +427,7 @@ def batch_all(embeddings: ArrayLike, labels: ArrayLike, key: jax.Array | None = 
       distance: a name of :data:`hnm.distances.SIMILARITIES`.
       normalize: L2-normalise the embeddings first.
       reduction: ``"avg_nonzero"`` (default) or ``"mean"``.
+      block_size: reference rows per tile; 0 picks it (:mod:`hnm.streaming`).
 
     Returns:
       ``(loss, aux)``; ``num_valid`` counts triplets.
@@ -397,30 +441,22 @@ def batch_all(embeddings: ArrayLike, labels: ArrayLike, key: jax.Array | None = 
     """
     del key
     _check_metric_options(distance, reduction)
-    emb, labels, ref = _common.prepare(embeddings, labels, _normalizes(distance, normalize),
-                                       axis_name, memory)
-    sim = _common.similarity_matrix(emb, ref.embeddings, distance)
-    at = losses.all_triplets_margin_sums(sim, labels, ref.labels,
-                                         query_offset=ref.query_offset, margin=margin)
-    num_triplets = jnp.sum(at.num_triplets)
-    count = jnp.sum(at.num_active) if reduction == "avg_nonzero" else num_triplets
-    loss = distances.global_mean_of(jnp.sum(at.loss_sum), count, axis_name)
+    emb, labels, ref = _prepare(embeddings, labels, _normalizes(distance, normalize),
+                                axis_name, memory)
+    at = streaming.batch_all_sums(emb, labels, ref, margin=margin, distance=distance,
+                                  block_size=_block(block_size))
+    count = at.num_active if reduction == "avg_nonzero" else at.num
+    loss = distances.global_mean_of(at.loss_sum, count, axis_name)
     # Means over every triplet: s_ap repeats once per negative, s_an once per positive.
-    stop_sim = jax.lax.stop_gradient(sim)
-    pos_mask, neg_mask = distances.label_masks(labels, ref.labels,
-                                               query_offset=ref.query_offset)
-    num_pos = jnp.sum(pos_mask, axis=1)
-    num_neg = jnp.sum(neg_mask, axis=1)
-    sum_ap = jnp.sum(jnp.where(pos_mask, stop_sim, 0.0), axis=1)
-    sum_an = jnp.sum(jnp.where(neg_mask, stop_sim, 0.0), axis=1)
-    s = _common.global_stats(axis_name, n=num_triplets, hard=jnp.sum(at.num_hard),
-                      ap=jnp.sum(num_neg * sum_ap), an=jnp.sum(num_pos * sum_an),
-                      active=jnp.sum(at.num_active), loss=loss)
-    return _common.finish(loss, _common.aux_from_stats(s), ref)
+    s = _common.global_stats(axis_name, n=at.num, hard=at.num_hard, ap=at.sum_ap,
+                             an=at.sum_an, active=at.num_active, loss=loss)
+    return _finish(loss, _common.aux_from_stats(s), ref)
 
 
 _DISTANCE = _checks.choice(tuple(distances.SIMILARITIES))
-_OFFICIAL = dict(temperature=_checks.POSITIVE, duplicate_threshold=_checks.REAL)
+_BLOCK = _checks.integer(ge=0)  # 0: automatic (hnm.streaming.auto_block)
+_OFFICIAL = dict(temperature=_checks.POSITIVE, duplicate_threshold=_checks.REAL,
+                 block_size=_BLOCK)
 # What each option accepts (checked by hnm.objectives.get / check_options before compiling).
 OPTION_SPECS: dict[str, dict[str, _checks.OptionSpec]] = {
     "ephn": _OFFICIAL,
@@ -429,10 +465,12 @@ OPTION_SPECS: dict[str, dict[str, _checks.OptionSpec]] = {
                 hard_rule=_checks.choice(losses.HARD_RULES),
                 normalization=_checks.choice(NORMALIZATIONS)),
     "batch_hard": dict(margin=_checks.NON_NEGATIVE, distance=_DISTANCE, normalize=_checks.BOOL,
-                       soft=_checks.BOOL, reduction=_checks.choice(REDUCTIONS)),
-    "semihard": dict(margin=_checks.NON_NEGATIVE, distance=_DISTANCE, normalize=_checks.BOOL),
+                       soft=_checks.BOOL, reduction=_checks.choice(REDUCTIONS),
+                       block_size=_BLOCK),
+    "semihard": dict(margin=_checks.NON_NEGATIVE, distance=_DISTANCE, normalize=_checks.BOOL,
+                     block_size=_BLOCK),
     "batch_all": dict(margin=_checks.NON_NEGATIVE, distance=_DISTANCE, normalize=_checks.BOOL,
-                      reduction=_checks.choice(REDUCTIONS)),
+                      reduction=_checks.choice(REDUCTIONS), block_size=_BLOCK),
 }
 
 OBJECTIVES: dict[str, _common.Objective] = {
