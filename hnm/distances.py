@@ -332,3 +332,45 @@ def global_mean_of(total: ArrayLike, count: ArrayLike,
     """
     denom = jax.lax.stop_gradient(global_sum(count, axis_name)).astype(jnp.result_type(total))
     return jnp.asarray(total) / jnp.maximum(denom, 1.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# shard_map's varying-axes types (one home for the miners, objectives and the device seam).
+
+
+def varying_axes(x: Any) -> frozenset:
+    """The ``shard_map`` axes ``x`` varies over (empty outside ``shard_map`` and in pmap)."""
+    aval = jax.typeof(x)
+    manual = getattr(aval, "manual_axis_type", None)   # JAX >= 0.9
+    if manual is not None:
+        return frozenset(manual.varying)
+    return frozenset(getattr(aval, "vma", ()))          # older JAX
+
+
+def vary_like(tree: Any, like: jax.Array) -> Any:
+    """``tree`` cast to vary over the ``shard_map`` axes that ``like`` varies over (a no-op
+    outside ``shard_map`` and under pmap): loop carries and replicated inputs must start out
+    as varying as the values they are combined with."""
+    axes = varying_axes(like)
+    if not axes:
+        return tree
+
+    def cast(x):
+        missing = tuple(sorted(axes - varying_axes(x)))
+        return jax.lax.pcast(x, missing, to="varying") if missing else x
+    return jax.tree.map(cast, tree)
+
+
+def all_finite(x: ArrayLike) -> jax.Array:
+    """``all(isfinite(x))`` as a bool scalar typed *replicated* under ``shard_map``.
+
+    Under ``shard_map`` an ``all_gather``-ed array is typed per-device (varying) even though
+    its value is the same everywhere; a flag derived from it could not leave the step as a
+    replicated output. The ``psum`` over exactly those axes makes it invariant (it only
+    scales a count). Nothing varies outside ``shard_map`` or in pmap: no collective then.
+    """
+    bad = jnp.sum(~jnp.isfinite(jnp.asarray(x))).astype(jnp.int32)
+    axes = tuple(sorted(varying_axes(bad)))
+    if axes:
+        bad = jax.lax.psum(bad, axes)
+    return bad == 0

@@ -35,6 +35,7 @@ import jax.numpy as jnp
 from jax.typing import ArrayLike
 
 from hnm import _checks
+from hnm import distances
 from hnm.distances import label_masks
 
 DUPLICATE_THRESHOLD = 0.9999  # official SCT code: positives above this are near-duplicates
@@ -254,30 +255,9 @@ def fold_positives(pos_mask: jax.Array,
     prev = jnp.full(pos_mask.shape[:-1], -1, jnp.int32)
     # Inside shard_map the body's outputs vary over the device axes the data varies over; the
     # loop carry must start out just as varying.
-    prev, init = _vary_like((prev, init), pos_mask)
+    prev, init = distances.vary_like((prev, init), pos_mask)
     state = (jnp.zeros((), jnp.int32), prev, init)
     return jax.lax.while_loop(lambda state: state[0] < num_steps, body, state)[2]
-
-
-def _varying_axes(x: Any) -> frozenset:
-    """The ``shard_map`` axes ``x`` varies over (empty outside ``shard_map``)."""
-    aval = jax.typeof(x)
-    manual = getattr(aval, "manual_axis_type", None)   # JAX >= 0.9
-    if manual is not None:
-        return frozenset(manual.varying)
-    return frozenset(getattr(aval, "vma", ()))          # older JAX
-
-
-def _vary_like(tree: Any, like: jax.Array) -> Any:
-    """Marks ``tree`` as varying over the ``shard_map`` axes that ``like`` varies over."""
-    axes = _varying_axes(like)
-    if not axes:
-        return tree
-
-    def cast(x):
-        missing = tuple(sorted(axes - _varying_axes(x)))
-        return jax.lax.pcast(x, missing, to="varying") if missing else x
-    return jax.tree.map(cast, tree)
 
 
 def semihard_negative(sim: jax.Array, neg_mask: jax.Array, sim_ap: jax.Array,

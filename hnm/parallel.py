@@ -27,7 +27,7 @@ are *invariant* over the axis while the loss of a device's rows *varies*. Differ
 invariant input of a varying function makes JAX insert the ``psum`` itself (the transpose of
 the implicit ``pvary``); a further explicit ``psum`` would then multiply the gradients by the
 number of devices. :func:`train_step` therefore casts the parameters to *varying* first
-(:func:`_vary`), takes this device's gradient, and sums it explicitly: one code path that is
+(:func:`hnm.distances.vary_like`), takes this device's gradient, and sums it explicitly: one code path that is
 correct under ``pmap`` (which tracks no varying axes) and under ``shard_map`` alike. Collective
 results returned as replicated outputs (the memory's ``all_gather``) are gathered
 ``to="invarying"``, so they may leave ``shard_map`` with ``out_specs=P()``.
@@ -54,7 +54,7 @@ import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from hnm import memory as memory_lib
+from hnm import distances, memory as memory_lib
 
 AXIS = "batch"
 BACKENDS = ("pmap", "mesh")
@@ -63,35 +63,10 @@ BACKENDS = ("pmap", "mesh")
 # ----------------------------------------------------------------------------- varying axes
 
 
-def _varying_axes(x: Any) -> frozenset:
-    """The ``shard_map`` axes ``x`` varies over (empty outside ``shard_map`` and in pmap)."""
-    aval = jax.typeof(x)
-    manual = getattr(aval, "manual_axis_type", None)
-    if manual is not None:
-        return frozenset(manual.varying)
-    return frozenset(getattr(aval, "vma", ()))
-
-
-def _vary(tree: Any, like: jax.Array) -> Any:
-    """``tree`` cast to vary over the ``shard_map`` axes that ``like`` varies over.
-
-    A no-op outside ``shard_map`` and under ``pmap`` (no varying axes are tracked there, and a
-    replicated input's gradient is this device's own, to be summed explicitly).
-    """
-    axes = _varying_axes(like)
-    if not axes:
-        return tree
-
-    def cast(x):
-        missing = tuple(sorted(axes - _varying_axes(x)))
-        return jax.lax.pcast(x, missing, to="varying") if missing else x
-    return jax.tree.map(cast, tree)
-
-
 def _all_gather_replicated(x: jax.Array, axis_name: str) -> jax.Array:
     """The tiled ``all_gather`` of ``x``, typed invariant under ``shard_map`` (its value is
     the same on every device, so it may leave as a replicated output)."""
-    if _varying_axes(x):
+    if distances.varying_axes(x):
         return jax.lax.all_gather(x, axis_name, tiled=True, to="invarying")
     return jax.lax.all_gather(x, axis_name, tiled=True)
 
@@ -167,7 +142,7 @@ def train_step(state, batch: Mapping[str, jax.Array], key: jax.Array, *,
         return loss, (aux, updates, emb)
 
     # This device's gradient (see the module docstring), summed over devices below.
-    params = _vary(trainable(state), batch["labels"])
+    params = distances.vary_like(trainable(state), batch["labels"])
     (_, (aux, updates, emb)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
     grads = jax.lax.psum(grads, axis_name)
     batch_stats = updates.get("batch_stats", state.batch_stats)

@@ -440,7 +440,7 @@ def _count(mask: jax.Array) -> jax.Array:
 
 def _vary(tree, like):
     from hnm import miners  # pylint: disable=import-outside-toplevel
-    return miners._vary_like(tree, like)  # pylint: disable=protected-access
+    return distances.vary_like(tree, like)
 
 
 def _chunks(q, labels, ref, slots, body, init):

@@ -167,15 +167,6 @@ def pair_aux(loss_share: jax.Array, cos: jax.Array, pos_mask: jax.Array, neg_mas
     }
 
 
-def _varying_axes(x) -> frozenset:
-    """The ``shard_map`` axes ``x`` varies over (empty outside ``shard_map`` and in pmap)."""
-    aval = jax.typeof(x)
-    manual = getattr(aval, "manual_axis_type", None)
-    if manual is not None:
-        return frozenset(manual.varying)
-    return frozenset(getattr(aval, "vma", ()))
-
-
 def finish(loss: jax.Array, aux: Aux, ref: distances.ReferenceSet) -> tuple[jax.Array, Aux]:
     """``(loss, aux)`` with the loss (and ``aux["loss"]``) NaN when any reference row is
     non-finite.
@@ -186,14 +177,8 @@ def finish(loss: jax.Array, aux: Aux, ref: distances.ReferenceSet) -> tuple[jax.
     and the memory's, so every device's share turns NaN together. The poison is a stopped
     constant: the gradient is the one computed, never changed.
     """
-    bad = jnp.sum(~jnp.isfinite(ref.embeddings)).astype(jnp.int32)
-    # Under shard_map the gathered rows are typed per-device (varying) while aux must leave
-    # replicated: the psum over exactly those axes makes the flag invariant (a no-op count
-    # scale, the rows being the same everywhere). Nothing varies outside shard_map or in pmap.
-    axes = tuple(sorted(_varying_axes(bad)))
-    if axes:
-        bad = jax.lax.psum(bad, axes)
-    finite = bad == 0
+    # Replicated under shard_map, so that aux may leave the step as P().
+    finite = distances.all_finite(ref.embeddings)
     poison = jax.lax.stop_gradient(jnp.where(finite, 0.0, jnp.nan)).astype(loss.dtype)
     aux = dict(aux, loss=aux["loss"] + poison.astype(aux["loss"].dtype))
     return loss + poison, aux

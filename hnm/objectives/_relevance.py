@@ -93,7 +93,7 @@ def pairs(embeddings: ArrayLike, labels: ArrayLike | None, *, normalize: bool,
 def finish(loss: jax.Array, aux: Aux, pr: Pairs) -> tuple[jax.Array, Aux]:
     """``(loss, aux)`` NaN when any reference row (every device's, the memory's) is non-finite,
     as ``hnm.objectives._common.finish``: masks would otherwise drop a NaN row silently."""
-    finite = jnp.all(jnp.isfinite(pr.ref))
+    finite = distances.all_finite(pr.ref)  # replicated under shard_map
     poison = jax.lax.stop_gradient(jnp.where(finite, 0.0, jnp.nan)).astype(loss.dtype)
     return loss + poison, dict(aux, loss=aux["loss"] + poison.astype(aux["loss"].dtype))
 

@@ -162,7 +162,8 @@ def smooth_ap(embeddings: ArrayLike, labels: ArrayLike | None = None,
         rank_all = 1.0 + jnp.sum(sig * cand_f * not_p, axis=1)
         return total + jnp.where(found, rank_pos / rank_all, 0.0), None
 
-    init = jnp.zeros((num_rows,), sim.dtype)
+    # Under shard_map the carry must start out as varying as the per-anchor sums it takes.
+    init = distances.vary_like(jnp.zeros((num_rows,), sim.dtype), sim)
     total, _ = jax.lax.scan(step, init, (slot_idx.T, slot_found.T))
     num_pos = jnp.sum(pos, axis=1)
     ap = total / jnp.maximum(jnp.minimum(num_pos, slots), 1)
