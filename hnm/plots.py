@@ -7,7 +7,8 @@ display needed, safe in tests and on servers. Each ``plot_*`` writes a PNG and r
 
 * :func:`plot_gradient_fields` — the descent direction
   :math:`(-\partial\ell/\partial S_{ap}, -\partial\ell/\partial S_{an})` of several losses over
-  the :math:`(S_{ap}, S_{an})` square (Xuan et al. 2020, Fig. 2), hard region shaded.
+  the :math:`(S_{ap}, S_{an})` square (hnm's picture of the loss; not Xuan et al.'s figure,
+  which is :func:`plot_similarity_changes`), hard region shaded.
 * :func:`plot_distance_rates` — how fast one gradient step changes
   :math:`\lVert f_a - f_n\rVert` (:func:`hnm.analysis.embedding_gradients`); negative (red)
   means the negative is pulled toward the anchor: the collapse mechanism.
@@ -174,7 +175,9 @@ def plot_gradient_fields(loss_fns: Mapping[str, Any], path: str | os.PathLike, g
       TypeError: a value of ``loss_fns`` that is not callable.
 
     References:
-      Xuan et al., Hard negative examples are hard, but useful, ECCV 2020, Fig. 2.
+      Xuan et al., Hard negative examples are hard, but useful, ECCV 2020, §3 (the loss on
+      the two similarities; this field is hnm's, their figure is
+      :func:`plot_similarity_changes`).
     """
     panels = _check_loss_fns(loss_fns)
     _check_grid(grid)
@@ -464,3 +467,87 @@ def plot_phase_diagram(table: Sequence[Mapping[str, Any]], path: str | os.PathLi
     fig.tight_layout()
     fig.savefig(path, dpi=dpi)
     return fig
+
+
+# ------------------------------------------------------------------ analysis helper: issue 9
+
+
+def plot_similarity_changes(loss_fns: Mapping[str, Any], path: str | os.PathLike, *,
+                            grid: int = 20, learning_rate: float = 0.1,
+                            projections: Sequence[float] = (0.0, 1.0),
+                            entanglement: float = 0.5, forms: Mapping[str, str] | None = None,
+                            dpi: int = 110, panel_size: float = 3.4):
+    r"""The official notebook's figure: :math:`\Delta S_{ap}` and :math:`\Delta S_{an}` after one
+    SGD step (:func:`hnm.analysis.one_step_similarity_change`), one row per loss and two
+    columns (:math:`\Delta S_{ap}` as horizontal arrows, :math:`\Delta S_{an}` as vertical
+    ones) per ``projection``, on the notebook's grid over :math:`[0, 1]^2`. Hard cells
+    (:math:`S_{an} > S_{ap}`) lie above the diagonal (shaded); hard cells whose negative is
+    pulled in (:math:`\Delta S_{an} > 0`) are ringed in red, and each :math:`\Delta S_{an}`
+    panel's title gives their share (:func:`hnm.analysis.hard_pull_share`).
+
+    Args:
+      loss_fns: ``{row title: loss_fn}`` (elementwise ``loss_fn(sim_ap, sim_an)``).
+      path: the .png to write.
+      grid: N, cells per axis (the notebook uses 20: ``linspace(0, 1, N)``).
+      learning_rate, entanglement: as :func:`hnm.analysis.one_step_similarity_change`.
+      projections: the ``projection`` of each column pair.
+      forms: optional ``{row title: form}`` (default ``"cosine"`` for every row).
+
+    Returns:
+      ``(figure, shares)`` with ``shares[title][projection]`` the hard-pull share.
+    """
+    import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+    panels = _check_loss_fns(loss_fns)
+    _check_grid(grid)
+    path = _check_path(path)
+    forms = dict(forms or {})
+    s = np.linspace(0.0, 1.0, grid).astype(np.float32)
+    s_ap, s_an = np.meshgrid(s, s)
+    hard = s_an > s_ap
+    ncols = 2 * len(projections)
+    fig, axes = _figure(ncols, len(panels), panel_size, panel_size, 1.6)
+    shares: dict[str, dict[float, float]] = {}
+    for r, (title, panel) in enumerate(panels.items()):
+        shares[title] = {}
+        for c, proj in enumerate(projections):
+            d = analysis.one_step_similarity_change(
+                panel.loss_fn, jnp.asarray(s_ap), jnp.asarray(s_an),
+                learning_rate=learning_rate, projection=float(proj),
+                entanglement=entanglement, form=forms.get(title, "cosine"))
+            d_ap, d_an = np.asarray(d.delta_ap), np.asarray(d.delta_an)
+            share = float(analysis.hard_pull_share(d_an, s_ap, s_an))
+            shares[title][float(proj)] = share
+            scale = max(float(np.abs(np.concatenate([d_ap.ravel(), d_an.ravel()])).max()),
+                        1e-9) / (0.8 / grid)
+            for k, (u, v, name) in enumerate(((d_ap, 0 * d_ap, "ΔS_ap"),
+                                              (0 * d_an, d_an, "ΔS_an"))):
+                ax = axes[r][2 * c + k]
+                ax.fill([0, 1, 0], [0, 1, 1], color=_HARD_COLOUR, alpha=0.08, lw=0)
+                ax.plot([0, 1], [0, 1], color="k", lw=0.8, ls="--")
+                ax.quiver(s_ap, s_an, u, v, np.abs(u + v), cmap="viridis", angles="xy",
+                          scale_units="xy", scale=scale, width=0.006)
+                if k == 1:
+                    pull = hard & (d_an > 0)
+                    ax.scatter(s_ap[pull], s_an[pull], s=14, facecolors="none",
+                               edgecolors=_HARD_COLOUR, linewidths=0.8)
+                ax.set_xlim(-0.03, 1.03)
+                ax.set_ylim(-0.03, 1.03)
+                ax.set_aspect("equal")
+                ax.set_gid(PANEL_GID)
+                ax.tick_params(labelsize=7)
+                label = f"{name}, projection {proj:g}"
+                if k == 1:
+                    label += f"\nhard & pulled in: {100 * share:.0f} %"
+                ax.set_title(f"{title}\n{label}" if c == 0 and k == 0 else label, fontsize=8)
+                if r == len(panels) - 1:
+                    ax.set_xlabel("S_ap", fontsize=8)
+                if c == 0 and k == 0:
+                    ax.set_ylabel("S_an", fontsize=8)
+    fig.suptitle(f"One SGD step on (f_a, f_p, f_n), re-normalised (lr = {learning_rate:g}, "
+                 f"entanglement p = {entanglement:g}): the official notebook's simulation\n"
+                 "shaded: hard (S_an > S_ap); red rings: hard cells whose negative is pulled "
+                 "toward the anchor (ΔS_an > 0)", fontsize=11)
+    fig.subplots_adjust(left=0.04, right=0.99, bottom=0.04, top=1 - 1.5 / (
+        panel_size * len(panels) + 1.6), wspace=0.25, hspace=0.5)
+    fig.savefig(path, dpi=dpi)
+    return fig, shares
