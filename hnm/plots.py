@@ -551,3 +551,123 @@ def plot_similarity_changes(loss_fns: Mapping[str, Any], path: str | os.PathLike
         panel_size * len(panels) + 1.6), wspace=0.25, hspace=0.5)
     fig.savefig(path, dpi=dpi)
     return fig, shares
+
+
+def plot_collapse_phase_diagram(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike, *,
+                                steps: int | None = None, seeds: int | None = None,
+                                dpi: int = 100):
+    """The step-matched collapse sweep: one heat map per objective, P x K rows by d columns.
+
+    Colour: the collapse fraction over seeds (``collapse_fraction``, relative test). Each
+    cell prints R@1 and the d_iso bracket ``[diso_lower, diso_upper]``. Cells where
+    :func:`hnm.analysis.collapse_boundary` predicts collapse (``predicted``) get a thick
+    dashed black frame (patch ``gid="predicted"``): the predicted boundary.
+
+    Args:
+      rows: dicts with ``objective``, ``classes_per_batch``, ``samples_per_class``,
+        ``embedding_dim``, ``collapse_fraction``, ``r@1``, ``diso_lower``, ``diso_upper``,
+        ``predicted``.
+      path: output .png.
+      steps, seeds: for the title.
+
+    Returns:
+      The saved Figure.
+
+    Raises:
+      ValueError: empty ``rows`` or a row missing a key.
+    """
+    from matplotlib.patches import Patch, Rectangle  # pylint: disable=import-outside-toplevel
+    needed = ("objective", "classes_per_batch", "samples_per_class", "embedding_dim",
+              "collapse_fraction", "r@1", "diso_lower", "diso_upper", "predicted")
+    if not rows:
+        raise ValueError("`rows` is empty; nothing to plot.")
+    for r in rows:
+        missing = [k for k in needed if k not in r]
+        if missing:
+            raise ValueError(f"a row of `rows` lacks {missing}: {dict(r)!r}")
+    path = _check_path(path)
+    objectives = list(dict.fromkeys(r["objective"] for r in rows))
+    dims = sorted({r["embedding_dim"] for r in rows})
+    pk = sorted({(r["samples_per_class"], r["classes_per_batch"]) for r in rows})
+    pk = [(p, k) for k, p in pk]
+    fig, axes = _figure(len(objectives), 1, 0.95 * len(dims) + 1.8, 0.62 * len(pk) + 1.6,
+                        0.9)
+    for ax, obj in zip(axes[0], objectives):
+        grid = np.full((len(pk), len(dims)), np.nan)
+        ax.set_gid(PANEL_GID)
+        ax.set_facecolor("0.85")
+        cells = {(r["classes_per_batch"], r["samples_per_class"], r["embedding_dim"]): r
+                 for r in rows if r["objective"] == obj}
+        for (i, (p, k)), (j, d) in ((a, b) for a in enumerate(pk) for b in enumerate(dims)):
+            r = cells.get((p, k, d))
+            if r is None:
+                continue
+            grid[i, j] = r["collapse_fraction"]
+            ax.text(j, i + 0.17, f"{r['r@1']:.2f}", ha="center", va="center", fontsize=8)
+            ax.text(j, i - 0.2, f"[{r['diso_lower']:.2f},{r['diso_upper']:.2f}]",
+                    ha="center", va="center", fontsize=6)
+            if r["predicted"]:
+                ax.add_patch(Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, lw=2.2,
+                                       ls="--", ec="k", gid="predicted"))
+        im = ax.imshow(np.ma.masked_invalid(grid), origin="lower", cmap="Reds", vmin=0,
+                       vmax=1, aspect="auto", alpha=0.8)
+        ax.set_xticks(range(len(dims)), [str(d) for d in dims])
+        ax.set_yticks(range(len(pk)), [f"{p}" + ("" if k == 2 else f" (K={k})")
+                                       for p, k in pk])
+        ax.set_xlabel("embedding dimension d")
+        ax.set_ylabel("classes per batch P (K = 2)")
+        ax.set_title(obj, fontsize=11)
+        fig.colorbar(im, ax=ax, fraction=0.046, pad=0.03).set_label(
+            "collapse fraction over seeds", fontsize=8)
+    extra = f"{steps} optimiser steps in every cell" if steps else "step-matched"
+    extra += f", {seeds} seeds" if seeds else ""
+    fig.suptitle("Collapse (relative test) per cell; text: test R@1 and the d_iso bracket "
+                 f"[lower, upper] at the end\n({extra}; dashed frame: collapse predicted by "
+                 "the sphere-capacity boundary, margin 0.2)", fontsize=10)
+    fig.legend([Patch(fill=False, ls="--", lw=2.2, ec="k")],
+               ["predicted collapse (P > capacity of S^(d-1) at margin 0.2)"],
+               loc="lower center", frameon=False, fontsize=9)
+    fig.subplots_adjust(left=0.08, right=0.97, bottom=0.2, top=0.8, wspace=0.35)
+    fig.savefig(path, dpi=dpi)
+    return fig
+
+
+def plot_diso_curves(runs: Sequence[tuple[str, Sequence[Mapping[str, Any]]]],
+                     path: str | os.PathLike, *, dpi: int = 100):
+    """d_iso bounds and the max-form hard-negative hinge over training, one panel per run.
+
+    Args:
+      runs: ``[(title, metrics rows), ...]``; rows hold ``step``, ``diag/diso_lower``,
+        ``diag/diso_upper`` and ``diag/separation_violation_max``.
+      path: output .png.
+
+    Returns:
+      The saved Figure.
+
+    Raises:
+      ValueError: no runs, or a run without rows.
+    """
+    if not runs:
+        raise ValueError("`runs` is empty; nothing to plot.")
+    path = _check_path(path)
+    fig, axes = _figure(len(runs), 1, 4.2, 3.2, 0.8)
+    for ax, (title, rows) in zip(axes[0], runs):
+        if not rows:
+            raise ValueError(f"run {title!r} has no rows.")
+        step = [r["step"] for r in rows]
+        ax.fill_between(step, [r["diag/diso_lower"] for r in rows],
+                        [r["diag/diso_upper"] for r in rows], color="#9ecae1", alpha=0.6,
+                        label="d_iso bracket [lower, upper]")
+        ax.plot(step, [r["diag/diso_upper"] for r in rows], color="#3182bd", lw=1)
+        ax.plot(step, [r["diag/diso_lower"] for r in rows], color="#3182bd", lw=1)
+        ax.plot(step, [r["diag/separation_violation_max"] for r in rows], color="k", lw=1.2,
+                label="max-form hard-negative hinge v")
+        ax.set_xlabel("step")
+        ax.set_title(title, fontsize=10)
+        ax.set_gid(PANEL_GID)
+    _figure_legend(fig, axes[0], ncol=2)
+    fig.suptitle("Training batch: d_iso bounds vs the max-form hinge (margin 0.2)",
+                 fontsize=11)
+    fig.subplots_adjust(left=0.06, right=0.98, bottom=0.25, top=0.82, wspace=0.3)
+    fig.savefig(path, dpi=dpi)
+    return fig

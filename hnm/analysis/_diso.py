@@ -53,6 +53,8 @@ PENALTY_WEIGHT = 1.0
 # up to the factor that separates them by the margin.
 SHRINK_FACTORS = (1.0, 0.9, 0.75, 0.5, 0.25, 0.1, 0.0)
 NUM_SCALES = 6
+# Capacities above this are reported as this (the cap-area bound explodes with the dimension).
+CAPACITY_CAP = 10 ** 12
 
 
 def _pair_masks(labels: jax.Array):
@@ -417,8 +419,8 @@ def sphere_capacity(dim: int, margin: float) -> tuple[int, int]:
     * dim >= 3, upper: caps of angular radius :math:`\theta/2` around the points are
       disjoint, so :math:`N \le 1/\mathrm{cap}(\theta/2)`, the cap's share of the sphere's
       area. Lower: the cross-polytope (2 dim points, chord :math:`\sqrt 2`), the simplex
-      (dim + 1 points, chord :math:`\sqrt{2 + 2/dim}`), a square grid of the equator circle
-      otherwise (the dim = 2 count).
+      (dim + 1 points, chord :math:`\sqrt{2 + 2/dim}`), points on a great circle
+      otherwise (the dim = 2 count). Both are capped at ``CAPACITY_CAP``.
     """
     if not isinstance(dim, int) or dim < 1:
         raise ValueError(f"`dim` must be a positive int; got {dim!r}.")
@@ -433,7 +435,8 @@ def sphere_capacity(dim: int, margin: float) -> tuple[int, int]:
     circle = int(math.floor(math.pi / half + 1e-9))
     if dim == 2:
         return circle, circle
-    upper = int(math.floor(1.0 / _cap_fraction(half, dim) + 1e-9))
+    frac = _cap_fraction(half, dim)
+    upper = CAPACITY_CAP if frac * CAPACITY_CAP <= 1.0 else int(math.floor(1.0 / frac + 1e-9))
     lower = circle
     if margin <= math.sqrt(2.0):
         lower = max(lower, 2 * dim)
