@@ -7,8 +7,10 @@ with several seeds vectorised by ``jax.vmap``, and reports per cell:
 * ``collapse_fraction``: the share of seeds that collapsed by the *relative* test
   (``hnm.analysis.is_collapsed_relative``: mean pairwise distance of the test embeddings
   below 1/4 of its value at initialisation AND the final training loss within 10 % of its
-  collapse value); ``abs_collapse_fraction``: the old absolute test (mean distance < 0.1),
-  for comparison;
+  collapse value); ``spread_collapse_fraction``: the spread condition alone (the official
+  code's objectives drop anchors whose cosines reach 1, so a collapsed ``ephn`` network has
+  a loss near 0, not log 2, and fails the loss condition); ``abs_collapse_fraction``: the
+  old absolute test (mean distance < 0.1), for comparison;
 * ``r@1`` (mean over seeds, leave-one-out on the class-disjoint glyph test split);
 * ``diso_lower`` / ``diso_upper`` at the end (``hnm.analysis.diso_bounds`` on one fixed
   P x K test batch, margin 0.2, configurations in R^d), mean over seeds;
@@ -204,9 +206,10 @@ def run(args_ps, args_dims, k, k4_p, steps, seeds, objectives_, test_images, dis
                     if r["steps"] == steps and r["seeds"] == seeds:
                         done[_cell_key(r["objective"], r["classes_per_batch"],
                                        r["samples_per_class"], r["embedding_dim"])] = r
-    cells = [(o, p, k, d) for o in objectives_ for p in args_ps for d in args_dims]
-    if k4_p is not None:
-        cells += [(o, k4_p, 4, d) for o in objectives_ for d in args_dims]
+    cells = []
+    for o in objectives_:  # objective by objective, each with its K = 4 row
+        cells += [(o, p, k, d) for p in args_ps for d in args_dims]
+        cells += [(o, k4_p, 4, d) for d in args_dims] if k4_p is not None else []
     todo = [c for c in cells if _cell_key(*c) not in done]
     data = load_data(test_images) if todo else None
     rows, t0 = [], time.time()
@@ -222,12 +225,17 @@ def run(args_ps, args_dims, k, k4_p, steps, seeds, objectives_, test_images, dis
         row = dict(objective=obj, classes_per_batch=p, samples_per_class=kk,
                    embedding_dim=d, steps=steps, seeds=seeds,
                    collapse_fraction=float(np.mean(ev["collapsed"])),
+                   spread_collapse_fraction=float(np.mean(np.array(ev["spread"]) <
+                                                          analysis.DEFAULT_SPREAD_RATIO)),
                    abs_collapse_fraction=float(np.mean(ev["abs_collapsed"])),
                    **{"r@1": float(np.mean(ev["r1"])), "r@1_std": float(np.std(ev["r1"]))},
                    diso_lower=float(np.mean(ev["lower"])),
                    diso_upper=float(np.mean(ev["upper"])),
                    spread_ratio=float(np.mean(ev["spread"])),
                    loss_ratio=float(np.mean(ev["loss_ratio"])),
+                   per_seed=dict(collapsed=ev["collapsed"], r1=ev["r1"],
+                                 spread_ratio=ev["spread"], loss_ratio=ev["loss_ratio"],
+                                 diso_lower=ev["lower"], diso_upper=ev["upper"]),
                    capacity=int(pred["capacity"]),
                    predicted=bool(pred["collapse_predicted"]))
         rows.append(row)
@@ -244,7 +252,7 @@ def run(args_ps, args_dims, k, k4_p, steps, seeds, objectives_, test_images, dis
 
 
 TABLE_KEYS = ["objective", "classes_per_batch", "samples_per_class", "embedding_dim",
-              "collapse_fraction", "abs_collapse_fraction", "r@1", "r@1_std", "diso_lower",
+              "collapse_fraction", "spread_collapse_fraction", "abs_collapse_fraction", "r@1", "r@1_std", "diso_lower",
               "diso_upper", "spread_ratio", "loss_ratio", "capacity", "predicted"]
 
 
@@ -266,6 +274,8 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--seeds", type=int, default=None)
     p.add_argument("--no_k4", action="store_true", help="skip the K = 4 row")
+    p.add_argument("--report_only", action="store_true",
+                   help="train nothing: table and picture of every cell in OUT/cells.jsonl")
     args = p.parse_args(argv)
     g = dict(GRIDS[args.variant])
     for name in ("objectives", "ps", "dims", "steps", "seeds"):
@@ -277,15 +287,25 @@ def main(argv=None) -> list[dict]:
     from hnm import plots
 
     os.makedirs(args.out, exist_ok=True)
+    if args.report_only:
+        with open(os.path.join(args.out, "cells.jsonl")) as fh:
+            rows = [json.loads(line) for line in fh if line.strip()]
+        g = dict(g, steps=rows[0]["steps"], seeds=rows[0]["seeds"],
+                 objectives=tuple(dict.fromkeys(r["objective"] for r in rows)))
+        return _write(args.out, g, rows, plots)
     rows = run(g["ps"], g["dims"], g["k"], g["k4_p"], g["steps"], g["seeds"],
                g["objectives"], g["test_images"], g["diso_steps"],
                cells_path=os.path.join(args.out, "cells.jsonl"))
-    with open(os.path.join(args.out, "table.json"), "w") as f:
+    return _write(args.out, g, rows, plots)
+
+
+def _write(out, g, rows, plots):
+    with open(os.path.join(out, "table.json"), "w") as f:
         json.dump(dict(config={k: list(v) if isinstance(v, tuple) else v
                                for k, v in g.items()}, rows=rows), f, indent=2)
-    with open(os.path.join(args.out, "table.md"), "w") as f:
+    with open(os.path.join(out, "table.md"), "w") as f:
         f.write(markdown_table(rows) + "\n")
-    plots.plot_collapse_phase_diagram(rows, os.path.join(args.out, "phase_diagram.png"),
+    plots.plot_collapse_phase_diagram(rows, os.path.join(out, "phase_diagram.png"),
                                       steps=g["steps"], seeds=g["seeds"])
     print(markdown_table(rows))
     return rows

@@ -603,6 +603,9 @@ def plot_collapse_phase_diagram(rows: Sequence[Mapping[str, Any]], path: str | o
             if r is None:
                 continue
             grid[i, j] = r["collapse_fraction"]
+            if r.get("spread_collapse_fraction", 0.0) > r["collapse_fraction"]:
+                ax.add_patch(Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, hatch="///",
+                                       ec="0.45", lw=0, gid="spread_only"))
             ax.text(j, i + 0.17, f"{r['r@1']:.2f}", ha="center", va="center", fontsize=8)
             ax.text(j, i - 0.2, f"[{r['diso_lower']:.2f},{r['diso_upper']:.2f}]",
                     ha="center", va="center", fontsize=6)
@@ -624,9 +627,11 @@ def plot_collapse_phase_diagram(rows: Sequence[Mapping[str, Any]], path: str | o
     fig.suptitle("Collapse (relative test) per cell; text: test R@1 and the d_iso bracket "
                  f"[lower, upper] at the end\n({extra}; dashed frame: collapse predicted by "
                  "the sphere-capacity boundary, margin 0.2)", fontsize=10)
-    fig.legend([Patch(fill=False, ls="--", lw=2.2, ec="k")],
-               ["predicted collapse (P > capacity of S^(d-1) at margin 0.2)"],
-               loc="lower center", frameon=False, fontsize=9)
+    fig.legend([Patch(fill=False, ls="--", lw=2.2, ec="k"),
+                Patch(fill=False, hatch="///", ec="0.45")],
+               ["predicted collapse (P > capacity of S^(d-1) at margin 0.2)",
+                "more seeds collapsed by spread alone (loss not at its collapse value)"],
+               loc="lower center", frameon=False, fontsize=9, ncol=2)
     fig.subplots_adjust(left=0.08, right=0.97, bottom=0.2, top=0.8, wspace=0.35)
     fig.savefig(path, dpi=dpi)
     return fig
