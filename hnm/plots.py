@@ -7,7 +7,8 @@ display needed, safe in tests and on servers. Each ``plot_*`` writes a PNG and r
 
 * :func:`plot_gradient_fields` — the descent direction
   :math:`(-\partial\ell/\partial S_{ap}, -\partial\ell/\partial S_{an})` of several losses over
-  the :math:`(S_{ap}, S_{an})` square (Xuan et al. 2020, Fig. 2), hard region shaded.
+  the :math:`(S_{ap}, S_{an})` square (hnm's picture of the loss; not Xuan et al.'s figure,
+  which is :func:`plot_similarity_changes`), hard region shaded.
 * :func:`plot_distance_rates` — how fast one gradient step changes
   :math:`\lVert f_a - f_n\rVert` (:func:`hnm.analysis.embedding_gradients`); negative (red)
   means the negative is pulled toward the anchor: the collapse mechanism.
@@ -174,7 +175,9 @@ def plot_gradient_fields(loss_fns: Mapping[str, Any], path: str | os.PathLike, g
       TypeError: a value of ``loss_fns`` that is not callable.
 
     References:
-      Xuan et al., Hard negative examples are hard, but useful, ECCV 2020, Fig. 2.
+      Xuan et al., Hard negative examples are hard, but useful, ECCV 2020, §3 (the loss on
+      the two similarities; this field is hnm's, their figure is
+      :func:`plot_similarity_changes`).
     """
     panels = _check_loss_fns(loss_fns)
     _check_grid(grid)
@@ -658,4 +661,210 @@ def plot_training_curves_with_baselines(metrics_rows: Sequence[Mapping[str, Any]
         if drew:
             ax.legend(fontsize=7, loc="lower right")
     fig.savefig(_check_path(path), dpi=kwargs.get("dpi", 100))
+    return fig
+
+
+def plot_similarity_changes(loss_fns: Mapping[str, Any], path: str | os.PathLike, *,
+                            grid: int = 20, learning_rate: float = 0.1,
+                            projections: Sequence[float] = (0.0, 1.0),
+                            entanglement: float = 0.5, forms: Mapping[str, str] | None = None,
+                            dpi: int = 110, panel_size: float = 3.4):
+    r"""The official notebook's figure: :math:`\Delta S_{ap}` and :math:`\Delta S_{an}` after one
+    SGD step (:func:`hnm.analysis.one_step_similarity_change`), one row per loss and two
+    columns (:math:`\Delta S_{ap}` as horizontal arrows, :math:`\Delta S_{an}` as vertical
+    ones) per ``projection``, on the notebook's grid over :math:`[0, 1]^2`. Hard cells
+    (:math:`S_{an} > S_{ap}`) lie above the diagonal (shaded); hard cells whose negative is
+    pulled in (:math:`\Delta S_{an} > 0`) are ringed in red, and each :math:`\Delta S_{an}`
+    panel's title gives their share (:func:`hnm.analysis.hard_pull_share`).
+
+    Args:
+      loss_fns: ``{row title: loss_fn}`` (elementwise ``loss_fn(sim_ap, sim_an)``).
+      path: the .png to write.
+      grid: N, cells per axis (the notebook uses 20: ``linspace(0, 1, N)``).
+      learning_rate, entanglement: as :func:`hnm.analysis.one_step_similarity_change`.
+      projections: the ``projection`` of each column pair.
+      forms: optional ``{row title: form}`` (default ``"cosine"`` for every row).
+
+    Returns:
+      ``(figure, shares)`` with ``shares[title][projection]`` the hard-pull share.
+    """
+    import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+    panels = _check_loss_fns(loss_fns)
+    _check_grid(grid)
+    path = _check_path(path)
+    forms = dict(forms or {})
+    s = np.linspace(0.0, 1.0, grid).astype(np.float32)
+    s_ap, s_an = np.meshgrid(s, s)
+    hard = s_an > s_ap
+    ncols = 2 * len(projections)
+    fig, axes = _figure(ncols, len(panels), panel_size, panel_size, 1.6)
+    shares: dict[str, dict[float, float]] = {}
+    for r, (title, panel) in enumerate(panels.items()):
+        shares[title] = {}
+        for c, proj in enumerate(projections):
+            d = analysis.one_step_similarity_change(
+                panel.loss_fn, jnp.asarray(s_ap), jnp.asarray(s_an),
+                learning_rate=learning_rate, projection=float(proj),
+                entanglement=entanglement, form=forms.get(title, "cosine"))
+            d_ap, d_an = np.asarray(d.delta_ap), np.asarray(d.delta_an)
+            share = float(analysis.hard_pull_share(d_an, s_ap, s_an))
+            shares[title][float(proj)] = share
+            scale = max(float(np.abs(np.concatenate([d_ap.ravel(), d_an.ravel()])).max()),
+                        1e-9) / (0.8 / grid)
+            for k, (u, v, name) in enumerate(((d_ap, 0 * d_ap, "ΔS_ap"),
+                                              (0 * d_an, d_an, "ΔS_an"))):
+                ax = axes[r][2 * c + k]
+                ax.fill([0, 1, 0], [0, 1, 1], color=_HARD_COLOUR, alpha=0.08, lw=0)
+                ax.plot([0, 1], [0, 1], color="k", lw=0.8, ls="--")
+                ax.quiver(s_ap, s_an, u, v, np.abs(u + v), cmap="viridis", angles="xy",
+                          scale_units="xy", scale=scale, width=0.006)
+                if k == 1:
+                    pull = hard & (d_an > 0)
+                    ax.scatter(s_ap[pull], s_an[pull], s=14, facecolors="none",
+                               edgecolors=_HARD_COLOUR, linewidths=0.8)
+                ax.set_xlim(-0.03, 1.03)
+                ax.set_ylim(-0.03, 1.03)
+                ax.set_aspect("equal")
+                ax.set_gid(PANEL_GID)
+                ax.tick_params(labelsize=7)
+                label = f"{name}, projection {proj:g}"
+                if k == 1:
+                    label += f"\nhard & pulled in: {100 * share:.0f} %"
+                ax.set_title(f"{title}\n{label}" if c == 0 and k == 0 else label, fontsize=8)
+                if r == len(panels) - 1:
+                    ax.set_xlabel("S_ap", fontsize=8)
+                if c == 0 and k == 0:
+                    ax.set_ylabel("S_an", fontsize=8)
+    fig.suptitle(f"One SGD step on (f_a, f_p, f_n), re-normalised (lr = {learning_rate:g}, "
+                 f"entanglement p = {entanglement:g}): the official notebook's simulation\n"
+                 "shaded: hard (S_an > S_ap); red rings: hard cells whose negative is pulled "
+                 "toward the anchor (ΔS_an > 0)", fontsize=11)
+    fig.subplots_adjust(left=0.04, right=0.99, bottom=0.04, top=1 - 1.5 / (
+        panel_size * len(panels) + 1.6), wspace=0.25, hspace=0.5)
+    fig.savefig(path, dpi=dpi)
+    return fig, shares
+
+
+def plot_collapse_phase_diagram(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike, *,
+                                steps: int | None = None, seeds: int | None = None,
+                                dpi: int = 100):
+    """The step-matched collapse sweep: one heat map per objective, P x K rows by d columns.
+
+    Colour: the collapse fraction over seeds (``collapse_fraction``, relative test). Each
+    cell prints R@1 and the d_iso bracket ``[diso_lower, diso_upper]``. Cells where
+    :func:`hnm.analysis.collapse_boundary` predicts collapse (``predicted``) get a thick
+    dashed black frame (patch ``gid="predicted"``): the predicted boundary.
+
+    Args:
+      rows: dicts with ``objective``, ``classes_per_batch``, ``samples_per_class``,
+        ``embedding_dim``, ``collapse_fraction``, ``r@1``, ``diso_lower``, ``diso_upper``,
+        ``predicted``.
+      path: output .png.
+      steps, seeds: for the title.
+
+    Returns:
+      The saved Figure.
+
+    Raises:
+      ValueError: empty ``rows`` or a row missing a key.
+    """
+    from matplotlib.patches import Patch, Rectangle  # pylint: disable=import-outside-toplevel
+    needed = ("objective", "classes_per_batch", "samples_per_class", "embedding_dim",
+              "collapse_fraction", "r@1", "diso_lower", "diso_upper", "predicted")
+    if not rows:
+        raise ValueError("`rows` is empty; nothing to plot.")
+    for r in rows:
+        missing = [k for k in needed if k not in r]
+        if missing:
+            raise ValueError(f"a row of `rows` lacks {missing}: {dict(r)!r}")
+    path = _check_path(path)
+    objectives = list(dict.fromkeys(r["objective"] for r in rows))
+    dims = sorted({r["embedding_dim"] for r in rows})
+    pk = sorted({(r["samples_per_class"], r["classes_per_batch"]) for r in rows})
+    pk = [(p, k) for k, p in pk]
+    fig, axes = _figure(len(objectives), 1, 0.95 * len(dims) + 1.8, 0.62 * len(pk) + 1.6,
+                        0.9)
+    for ax, obj in zip(axes[0], objectives):
+        grid = np.full((len(pk), len(dims)), np.nan)
+        ax.set_gid(PANEL_GID)
+        ax.set_facecolor("0.85")
+        cells = {(r["classes_per_batch"], r["samples_per_class"], r["embedding_dim"]): r
+                 for r in rows if r["objective"] == obj}
+        for (i, (p, k)), (j, d) in ((a, b) for a in enumerate(pk) for b in enumerate(dims)):
+            r = cells.get((p, k, d))
+            if r is None:
+                continue
+            grid[i, j] = r["collapse_fraction"]
+            if r.get("spread_collapse_fraction", 0.0) > r["collapse_fraction"]:
+                ax.add_patch(Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, hatch="///",
+                                       ec="0.45", lw=0, gid="spread_only"))
+            ax.text(j, i + 0.17, f"{r['r@1']:.2f}", ha="center", va="center", fontsize=8)
+            ax.text(j, i - 0.2, f"[{r['diso_lower']:.2f},{r['diso_upper']:.2f}]",
+                    ha="center", va="center", fontsize=6)
+            if r["predicted"]:
+                ax.add_patch(Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, lw=2.2,
+                                       ls="--", ec="k", gid="predicted"))
+        im = ax.imshow(np.ma.masked_invalid(grid), origin="lower", cmap="Reds", vmin=0,
+                       vmax=1, aspect="auto", alpha=0.8)
+        ax.set_xticks(range(len(dims)), [str(d) for d in dims])
+        ax.set_yticks(range(len(pk)), [f"{p}" + ("" if k == 2 else f" (K={k})")
+                                       for p, k in pk])
+        ax.set_xlabel("embedding dimension d")
+        ax.set_ylabel("classes per batch P (K = 2)")
+        ax.set_title(obj, fontsize=11)
+        fig.colorbar(im, ax=ax, fraction=0.046, pad=0.03).set_label(
+            "collapse fraction over seeds", fontsize=8)
+    extra = f"{steps} optimiser steps in every cell" if steps else "step-matched"
+    extra += f", {seeds} seeds" if seeds else ""
+    fig.suptitle("Collapse (relative test) per cell; text: test R@1 and the d_iso bracket "
+                 f"[lower, upper] at the end\n({extra}; dashed frame: collapse predicted by "
+                 "the sphere-capacity boundary, margin 0.2)", fontsize=10)
+    fig.legend([Patch(fill=False, ls="--", lw=2.2, ec="k"),
+                Patch(fill=False, hatch="///", ec="0.45")],
+               ["predicted collapse (P > capacity of S^(d-1) at margin 0.2)",
+                "more seeds collapsed by spread alone (loss not at its collapse value)"],
+               loc="lower center", frameon=False, fontsize=9, ncol=2)
+    fig.subplots_adjust(left=0.08, right=0.97, bottom=0.2, top=0.8, wspace=0.35)
+    fig.savefig(path, dpi=dpi)
+    return fig
+
+
+def plot_diso_curves(runs: Sequence[tuple[str, Sequence[Mapping[str, Any]]]],
+                     path: str | os.PathLike, *, dpi: int = 100):
+    """d_iso bounds and the max-form hard-negative hinge over training, one panel per run.
+
+    Args:
+      runs: ``[(title, metrics rows), ...]``; rows hold ``step``, ``diag/diso_lower``,
+        ``diag/diso_upper`` and ``diag/separation_violation_max``.
+      path: output .png.
+
+    Returns:
+      The saved Figure.
+
+    Raises:
+      ValueError: no runs, or a run without rows.
+    """
+    if not runs:
+        raise ValueError("`runs` is empty; nothing to plot.")
+    path = _check_path(path)
+    fig, axes = _figure(len(runs), 1, 4.2, 3.2, 0.8)
+    for ax, (title, rows) in zip(axes[0], runs):
+        if not rows:
+            raise ValueError(f"run {title!r} has no rows.")
+        step = [r["step"] for r in rows]
+        ax.fill_between(step, [r["diag/diso_lower"] for r in rows],
+                        [r["diag/diso_upper"] for r in rows], color="#9ecae1", alpha=0.6,
+                        label="d_iso bracket [lower, upper]")
+        ax.plot(step, [r["diag/diso_upper"] for r in rows], color="#3182bd", lw=1)
+        ax.plot(step, [r["diag/diso_lower"] for r in rows], color="#3182bd", lw=1)
+        ax.plot(step, [r["diag/separation_violation_max"] for r in rows], color="k", lw=1.2,
+                label="max-form hard-negative hinge v")
+        ax.set_xlabel("step")
+        ax.set_title(title, fontsize=10)
+        ax.set_gid(PANEL_GID)
+    _figure_legend(fig, axes[0], ncol=2)
+    fig.suptitle("Training batch: d_iso bounds vs the max-form hinge (margin 0.2)",
+                 fontsize=11)
+    fig.subplots_adjust(left=0.06, right=0.98, bottom=0.25, top=0.82, wspace=0.3)
+    fig.savefig(path, dpi=dpi)
     return fig

@@ -47,7 +47,7 @@ TRAINER_OBJECTIVE_KEYS = ("param_lr_mult",)
 # Panels of workdir/training_curves.png: the loss, the official code's hn_ratio, the collapse
 # diagnostics of the logged batch, and test R@1 at each evaluation.
 CURVE_KEYS = ("loss", "frac_hard", "diag/mean_distance", "diag/separation_violation_max",
-              "eval/recall@1", "eval/map@r")
+              "diag/diso_lower", "diag/diso_upper", "eval/recall@1", "eval/map@r")
 
 
 class TrainState(train_state.TrainState):
@@ -556,7 +556,7 @@ def _train_locked(config, workdir, data, layout, bar) -> dict:
 
     p_train = layout.make_train_step(objective, memory_start_step=memory_start)
     p_embed = layout.make_embed_step()
-    p_diag = jax.jit(functools.partial(analysis.collapse_diagnostics,
+    p_diag = jax.jit(functools.partial(analysis.training_diagnostics,
                                        margin=float(config.train.get("diag_margin", 0.2))))
     log_every, ckpt_every = int(config.train.log_every), int(config.train.ckpt_every)
     eval_every = max(1, int(config.train.eval_every_epochs * ds.steps_per_epoch))

@@ -695,3 +695,33 @@ class PMLEqualityTest(parameterized.TestCase):
 
 if __name__ == "__main__":
     absltest.main()
+
+
+def test_sct_paper_preset_marks_hard_exactly_when_the_negative_is_closer():
+    # The paper's rule: hard iff S_an > S_ap (no threshold). Anchor 0: S_an = 0.6 > S_ap = 0.5
+    # (hard, below the official 0.8 threshold).
+    import numpy as np
+    from hnm import objectives as objs
+
+    def unit(deg):
+        return [np.cos(np.radians(deg)), np.sin(np.radians(deg))]
+    a0, a2 = 0.0, 180.0
+    emb = np.array([unit(a0), unit(a0 + np.degrees(np.arccos(0.5))),
+                    unit(a2), unit(a2 + np.degrees(np.arccos(0.9)))], np.float32)
+    # the negatives of each pair come from the other pair; rotate the second pair so that
+    # S_an(anchor 0) = 0.6: put pair 2 at angle arccos(0.6) on the other side of anchor 0.
+    emb[2] = unit(-np.degrees(np.arccos(0.6)))
+    emb[3] = unit(-np.degrees(np.arccos(0.6)) - np.degrees(np.arccos(0.9)))
+    labels = np.array([0, 0, 1, 1])
+    sims = emb @ emb.T
+    paper = objs.get("sct", **objs.SCT_PRESETS["paper"])
+    official = objs.get("sct", **objs.SCT_PRESETS["official"])
+    _, aux_p = paper(emb, labels)
+    _, aux_o = official(emb, labels)
+    # brute force: hardest negative of each anchor, easy positive (the only one)
+    hard_paper = sum(sims[a, [n for n in range(4) if labels[n] != labels[a]]].max()
+                     > sims[a, [p for p in range(4) if p != a and labels[p] == labels[a]]].max()
+                     for a in range(4))
+    assert int(aux_p["num_hard"]) == hard_paper > 0
+    # The official "or" rule also marks S_an > 0.8: never fewer hard anchors than the paper's.
+    assert int(aux_o["num_hard"]) >= int(aux_p["num_hard"])

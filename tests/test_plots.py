@@ -8,6 +8,7 @@ from absl.testing import absltest
 from absl.testing import parameterized
 import jax
 import numpy as np
+import pytest
 
 from hnm import plots
 
@@ -163,16 +164,31 @@ class PlotsTest(parameterized.TestCase):
             plots.plot_phase_diagram([{"embedding_dim": 8, "classes_per_batch": 4}], path)
         self.assertFalse(os.path.exists(path))
 
+    @pytest.mark.slow
     @absltest.skipIf(losses is None, "hnm.losses is not importable yet")
     def test_loss_fields_experiment_script(self):
         spec = importlib.util.spec_from_file_location(
             "loss_fields", os.path.join(REPO, "experiments", "loss_fields.py"))
         script = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(script)
-        written = script.main(["--out", self.dir, "--grid", "5", "--rate_grid", "6"])
+        written = script.main(["--out", self.dir, "--grid", "5", "--rate_grid", "6",
+                               "--notebook_grid", "20"])
         self.assertEqual([os.path.basename(p) for p in written],
-                         ["gradient_fields.png", "distance_rates.png"])
-        for p in written:
+                         ["gradient_fields.png", "distance_rates.png",
+                          "similarity_changes.png"])
+        with open(os.path.join(self.dir, "similarity_changes.json")) as f:
+            table = json.load(f)
+        self.assertLen(table, 6 * 2 * 2)   # losses x learning rates x entanglements
+        shares = {(r["loss"], r["learning_rate"], r["entanglement"]): r for r in table}
+        # SCT's hard branch has no gradient through S_ap: without entanglement no hard cell
+        # of the grid pulls its negative in; the coplanar hinge does pull some in.
+        sct = [r for k, r in shares.items() if k[0].startswith("SCT") and k[2] == 0.0]
+        self.assertTrue(all(r["projection 0"] == 0.0 and r["projection 1"] == 0.0
+                            for r in sct))
+        hinge = shares[("hinge, m = 0.2", 0.01, 0.0)]
+        self.assertGreater(hinge["projection 1"], 0.0)
+        self.assertEqual(hinge["projection 0"], 0.0)
+        for p in written[:2]:
             self.assertGreater(os.path.getsize(p), 1000)
             self.assertEqual(_png_shape(p)[1], 1848)   # 4 panels x 4.62 in x 100 dpi
         titles = list(plots.standard_loss_panels())

@@ -88,6 +88,7 @@ from hnm.objectives import proxy
 from hnm.objectives import ranking
 from hnm.objectives import triplet
 from hnm.objectives import tuples
+from hnm.objectives.triplet import SCT_PRESETS  # noqa: F401  (re-exported)
 from hnm.objectives.pair import contrastive, distance_weighted, multi_similarity, supcon
 from hnm.objectives.ranking import fast_ap, histogram, smooth_ap
 from hnm.objectives.triplet import batch_all, batch_hard, ephn, epshn, sct, semihard

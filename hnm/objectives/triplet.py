@@ -227,7 +227,13 @@ def sct(embeddings: ArrayLike, labels: ArrayLike, key: jax.Array | None = None, 
     * current release (``_code/Loss.py``, ``SCTLoss('sct')``): the defaults,
       ``hard_rule="or", hard_threshold=0.8, normalization="joint"``;
     * first public release (git 076a275, ``EPHNLoss(sct=True)``):
-      ``hard_rule="and", hard_threshold=0.5, normalization="separate"``.
+      ``hard_rule="and", hard_threshold=0.5, normalization="separate"``;
+    * the paper's rule (ECCV 2020, §4: a triplet is hard when :math:`S_{an} > S_{ap}`, no
+      threshold): ``hard_rule="or", hard_threshold=1.0, normalization="joint"`` (with the
+      threshold at 1 the "or" term :math:`S_{an} > 1` never fires).
+
+    :data:`SCT_PRESETS` holds the three by name: ``objectives.get("sct",
+    **objectives.SCT_PRESETS["paper"])``.
 
     Both use ``temperature=0.1``, ``hard_weight=1`` and ``duplicate_threshold=0.9999``.
 
@@ -458,6 +464,14 @@ _BLOCK = _checks.integer(ge=0)  # 0: automatic (hnm.streaming.auto_block)
 _OFFICIAL = dict(temperature=_checks.POSITIVE, duplicate_threshold=_checks.REAL,
                  block_size=_BLOCK)
 # What each option accepts (checked by hnm.objectives.get / check_options before compiling).
+# The SCT settings of the two official code releases and of the paper's text (see :func:`sct`).
+SCT_PRESETS: dict[str, dict[str, Any]] = {
+    "official": dict(hard_rule="or", hard_threshold=0.8, normalization="joint"),
+    "first_release": dict(hard_rule="and", hard_threshold=0.5, normalization="separate"),
+    "paper": dict(hard_rule="or", hard_threshold=1.0, normalization="joint"),
+}
+
+
 OPTION_SPECS: dict[str, dict[str, _checks.OptionSpec]] = {
     "ephn": _OFFICIAL,
     "epshn": _OFFICIAL,
