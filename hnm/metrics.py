@@ -472,21 +472,10 @@ def normalized_mutual_info(labels_true: ArrayLike, labels_pred: ArrayLike) -> fl
       >>> normalized_mutual_info(np.array([0, 0, 1, 1]), np.array([5, 5, 2, 2]))
       1.0
     """
-    u, v = np.asarray(labels_true), np.asarray(labels_pred)
-    for a, name in ((u, "labels_true"), (v, "labels_pred")):
-        if a.ndim != 1 or not np.issubdtype(a.dtype, np.integer):
-            raise ValueError(f"`{name}` must be a 1-D integer array; got shape {a.shape} and "
-                             f"dtype {a.dtype}.")
-    if u.shape != v.shape:
-        raise ValueError(f"`labels_true` and `labels_pred` must have the same length; got "
-                         f"{u.shape[0]} and {v.shape[0]}.")
-    n = u.shape[0]
-    _, ui = np.unique(u, return_inverse=True)
-    _, vi = np.unique(v, return_inverse=True)
-    if ui.max(initial=-1) == vi.max(initial=-1) <= 0:
+    joint = _contingency(labels_true, labels_pred)
+    n = joint.sum()
+    if joint.shape[0] == joint.shape[1] <= 1:  # one cluster each (or nothing): identical
         return 1.0
-    joint = np.zeros((ui.max() + 1, vi.max() + 1))
-    np.add.at(joint, (ui, vi), 1.0)
     p = joint / n
     pu, pv = p.sum(axis=1), p.sum(axis=0)
     nz = p > 0
