@@ -19,7 +19,7 @@ Protocols: one set named ``test`` is leave-one-out retrieval over it (CUB, Cars,
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -98,6 +98,22 @@ def _gather_rows(embs: list, keep: np.ndarray, layout: parallel.Layout) -> jax.A
         [jax.device_put(e, device) for e in embs], keep)
 
 
+def score(emb: Mapping[str, tuple[Any, Any]], eval_cfg: Mapping[str, Any],
+          devices: Sequence[Any] | None = None) -> dict:
+    """Recall@K, MAP@R, ... (and NMI / AMI) of given ``{"test": (emb, labels)}`` or
+    ``{"query": ..., "gallery": ...}`` embeddings: the metrics of :func:`evaluate`."""
+    ks = tuple(eval_cfg.get("recall_ks", (1, 2, 4, 8)))
+    if "query" in emb:
+        (q, ql), (g, gl) = emb["query"], emb["gallery"]
+        out = metrics.retrieval_metrics(q, ql, g, gl, ks=ks, devices=devices)
+    else:
+        q, ql = emb["test"]
+        out = metrics.retrieval_metrics(q, ql, ks=ks, devices=devices)
+    if eval_cfg.get("nmi", True):
+        out.update(metrics.clustering_metrics(q, ql, jax.random.key(0)))  # nmi, ami
+    return out
+
+
 def evaluate(state, eval_sets: Mapping[str, Any], eval_cfg: Mapping[str, Any],
              embed_fn: Callable | None, layout: parallel.Layout | int,
              progress: bool = False) -> dict:
@@ -119,20 +135,12 @@ def evaluate(state, eval_sets: Mapping[str, Any], eval_cfg: Mapping[str, Any],
     layout = _as_layout(layout)
     embed_fn = layout.make_embed_step() if embed_fn is None else embed_fn
     bs = _global_batch(layout, eval_cfg.get("batch_size", 256))
-    ks = tuple(eval_cfg.get("recall_ks", (1, 2, 4, 8)))
     emb = {name: embed_dataset(state, s, bs, embed_fn, layout, progress)
            for name, s in eval_sets.items()}
     # The blocked search deals its query blocks over this process's devices (device-to-device
     # copies of the embeddings; none goes through the host).
-    devices = list(layout.local_devices)
-    if "query" in emb:
-        (q, ql), (g, gl) = emb["query"], emb["gallery"]
-        out = metrics.retrieval_metrics(q, ql, g, gl, ks=ks, devices=devices)
-    else:
-        q, ql = emb["test"]
-        out = metrics.retrieval_metrics(q, ql, ks=ks, devices=devices)
-    if eval_cfg.get("nmi", True):
-        out.update(metrics.clustering_metrics(q, ql, jax.random.key(0)))  # nmi, ami
+    out = score(emb, eval_cfg, list(layout.local_devices))
+    q, ql = emb["query"] if "query" in emb else emb["test"]
     # Blocked anchors: O(DIAG_BLOCK N) memory, not an N x N matrix (SOP's test set is 60k).
     diag = analysis.collapse_diagnostics(q, jnp.asarray(ql), block_size=DIAG_BLOCK)
     out.update({f"diag/{k}": float(v) for k, v in diag.items()})

@@ -407,19 +407,9 @@ def _score(eval_embs: Mapping[str, tuple[np.ndarray, np.ndarray]], eval_cfg) -> 
     """The retrieval (and clustering) metrics of ``evaluate`` on given embeddings."""
     import jax
 
-    from hnm import metrics
+    from hnm import evaluate
 
-    ks = tuple(eval_cfg.get("recall_ks", (1, 2, 4, 8)))
-    devices = jax.local_devices()
-    if "query" in eval_embs:
-        (q, ql), (g, gl) = eval_embs["query"], eval_embs["gallery"]
-        out = metrics.retrieval_metrics(q, ql, g, gl, ks=ks, devices=devices)
-    else:
-        q, ql = eval_embs["test"]
-        out = metrics.retrieval_metrics(q, ql, ks=ks, devices=devices)
-    if eval_cfg.get("nmi", True):
-        out.update(metrics.clustering_metrics(q, ql, jax.random.key(0)))
-    return out
+    return evaluate.score(eval_embs, eval_cfg, jax.local_devices())
 
 
 def _eval_pixels(eval_set) -> tuple[np.ndarray, np.ndarray]:
