@@ -269,8 +269,10 @@ def apply(cfg: ml_collections.ConfigDict, key: str, raw: str) -> None:
 
             valid = list(_objective_options(node.name)) + list(TRAINER_OBJECTIVE_KEYS)
             takers = [n for n in objectives.names() if leaf in objectives.options(n)]
+            close = _did_you_mean(leaf, valid)[len("; "):]
             hint = (f"; `{leaf}` is an option of {', '.join(takers)} (switch with "
-                    "--config.objective.name=...)" if takers else _did_you_mean(leaf, valid))
+                    "--config.objective.name=...)" if takers else
+                    f" ({close})" if close else "")
             raise ConfigError(f"objective {node.name!r} takes no option `{leaf}`{hint}; its "
                               f"options: {', '.join(valid)}")
         raise ConfigError(f"unknown config key `{key}`{_did_you_mean(key, flat_keys(cfg))}"
