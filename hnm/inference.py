@@ -162,10 +162,6 @@ class Run:
           ValueError: images the run cannot take (dtype, channels, or size for a run without
             ``image_size``); the message says what was expected.
         """
-        import jax
-
-        from hnm import train
-
         if isinstance(images, np.ndarray):
             if images.ndim not in (3, 4) or images.dtype != np.uint8:
                 h, w, c = self.image_shape

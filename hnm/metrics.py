@@ -371,7 +371,6 @@ def _assign(x: jax.Array, centers: jax.Array, row_block: int) -> jax.Array:
 
 @functools.partial(jax.jit, static_argnames=("num_clusters", "num_iters", "row_block"))
 def _kmeans(key, x, valid, *, num_clusters, num_iters, row_block):
-    n = x.shape[0]
     w = valid.astype(x.dtype)
     key, sub = jax.random.split(key)
     first = jax.random.categorical(sub, jnp.where(valid, 0.0, -jnp.inf))

@@ -160,6 +160,22 @@ class MultiProcessTest(absltest.TestCase):
             self.assertLess(time.time(), deadline, "no checkpoint appeared")
             time.sleep(0.2)
         time.sleep(1.0)
+        # One lock for the job, held by process 0: a third `hnm train` on the live job's work
+        # directory exits at once naming process 0 (its PID), and takes nothing over.
+        with open(os.path.join(wd, "hnm.lock")) as f:
+            holder = json.load(f)
+        self.assertEqual(holder["pid"], procs[0].pid)
+        self.assertIn("--process_id=0", holder["command"])
+        t0 = time.time()
+        intruder = _launch(_flags(npz, wd), devices=1)
+        out, _ = intruder.communicate(timeout=120)
+        self.assertEqual(intruder.returncode, 1, out[-3000:])
+        errors = [line for line in out.splitlines() if line.startswith("hnm: error:")]
+        self.assertEqual(len(errors), 1, out)
+        self.assertNotIn("Traceback", out)
+        self.assertIn(f"is in use by PID {procs[0].pid} on host", errors[0])
+        self.assertLess(time.time() - t0, 60)
+        self.assertIsNone(procs[0].poll())   # the job goes on
         procs[1].kill()  # SIGKILL one process of the job mid-run
         t0 = time.time()
         out, _ = procs[0].communicate(timeout=120)  # the survivor must not hang
