@@ -6,6 +6,7 @@ import os
 import sys
 
 import numpy as np
+import pytest
 from absl.testing import absltest, parameterized
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -53,6 +54,7 @@ class ConfigTest(parameterized.TestCase):
             _load(path).get_config("nonsense")
 
 
+@pytest.mark.slow
 class OfficialSmokeOnMockTfdsTest(absltest.TestCase):
     """The `:smoke` variant of an official recipe trains end to end on mocked tfds data."""
 
@@ -66,7 +68,8 @@ class OfficialSmokeOnMockTfdsTest(absltest.TestCase):
         wd = self.create_tempdir().full_path
         with tfds.testing.mock_data(num_examples=64):
             out = train.train_and_evaluate(cfg, wd, progress=False)
-        self.assertBetween(out["recall@1"], 0.0, 1.0)
+        # Mock images are noise, so R@1 says nothing here; the batches and the loss do.
+        self.assertIn("map@r", out)
         with open(os.path.join(wd, "metrics.jsonl")) as f:
             rows = [r for r in map(json.loads, f) if "loss" in r]
         self.assertNotEmpty(rows)
@@ -77,6 +80,7 @@ class OfficialSmokeOnMockTfdsTest(absltest.TestCase):
             self.assertLessEqual(row["num_valid"], 16)
 
 
+@pytest.mark.slow
 class SweepTest(absltest.TestCase):
 
     # The collapse sweep's test lives in tests/test_analysis_experiments.py (issue 9).
@@ -88,6 +92,10 @@ class SweepTest(absltest.TestCase):
         table = hard_negatives.main(["--out", out, "--tiny", "--seeds", "2", "--epochs", "1",
                                      "--dim", "8", "--objectives", "ephn,sct"])
         self.assertEqual([r["objective"] for r in table], ["ephn", "sct"])
+        for r in table:  # mean ± std over the 2 seeds; chance R@1 on ~71 classes is 0.014
+            mean, std = (float(v) for v in r["r@1"].split(" ± "))
+            self.assertGreater(mean, 0.1, r)
+            self.assertLess(std, mean, r)
         for f in ("table.md", "table.json", "frac_hard.png", "recall.png"):
             self.assertGreater(os.path.getsize(os.path.join(out, f)), 100, f)
         self.assertIn("±", open(os.path.join(out, "table.md")).read())
