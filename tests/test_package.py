@@ -66,3 +66,20 @@ def test_cli_help_does_not_import_jax():
     loaded = eval(out.splitlines()[-1])
     for heavy in HEAVY:
         assert heavy not in loaded, heavy
+
+
+def test_slow_marks_sit_below_absl_parameterized_decorators():
+    """`@pytest.mark.slow` written *above* `@parameterized...` on a method is silently lost
+    (absl builds new methods from the inner function), so the test runs in the default suite.
+    Below it (or on the class) the mark is copied to every generated method."""
+    import glob
+    import re
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    bad = []
+    for path in glob.glob(os.path.join(here, "test_*.py")):
+        text = open(path).read()
+        for m in re.finditer(r"\n([ \t]+)@pytest\.mark\.\w+[^\n]*\n(?:\1@[^\n]*\n)*?\1@parameterized",
+                             text):
+            bad.append(f"{os.path.basename(path)}:{text[:m.start()].count(chr(10)) + 2}")
+    assert not bad, f"move the mark below @parameterized: {bad}"
