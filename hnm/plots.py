@@ -719,7 +719,7 @@ def plot_similarity_changes(loss_fns: Mapping[str, Any], path: str | os.PathLike
                 ax.quiver(s_ap, s_an, u, v, np.abs(u + v), cmap="viridis", angles="xy",
                           scale_units="xy", scale=scale, width=0.006)
                 if k == 1:
-                    pull = hard & (d_an > 0)
+                    pull = hard & (d_an > analysis.HARD_PULL_ATOL)  # as hard_pull_share
                     ax.scatter(s_ap[pull], s_an[pull], s=14, facecolors="none",
                                edgecolors=_HARD_COLOUR, linewidths=0.8)
                 ax.set_xlim(-0.03, 1.03)
@@ -738,7 +738,7 @@ def plot_similarity_changes(loss_fns: Mapping[str, Any], path: str | os.PathLike
     fig.suptitle(f"One SGD step on (f_a, f_p, f_n), re-normalised (lr = {learning_rate:g}, "
                  f"entanglement p = {entanglement:g}): the official notebook's simulation\n"
                  "shaded: hard (S_an > S_ap); red rings: hard cells whose negative is pulled "
-                 "toward the anchor (ΔS_an > 0)", fontsize=11)
+                 f"toward the anchor (ΔS_an > {analysis.HARD_PULL_ATOL:g})", fontsize=11)
     fig.subplots_adjust(left=0.04, right=0.99, bottom=0.04, top=1 - 1.5 / (
         panel_size * len(panels) + 1.6), wspace=0.25, hspace=0.5)
     fig.savefig(path, dpi=dpi)

@@ -441,6 +441,11 @@ class OneStepSimilarityChangeTest(parameterized.TestCase):
                                                               s_ap, s_an)), 0.5)
         self.assertEqual(float(analysis.hard_pull_share(jnp.ones(1), jnp.ones(1),
                                                         jnp.zeros(1))), 0.0)
+        # float32 rounding of a cosine (SCT at S_an = 1: about 2e-8) is not a pull
+        rounding = jnp.array([2e-8, -1.0, 1.0])
+        self.assertEqual(float(analysis.hard_pull_share(rounding, s_ap, s_an)), 0.0)
+        self.assertAlmostEqual(float(analysis.hard_pull_share(rounding, s_ap, s_an, atol=0.0)),
+                               0.5)
 
     def test_bad_input(self):
         with self.assertRaisesRegex(ValueError, "form"):

@@ -73,5 +73,45 @@ class DisoEquivalenceTest(absltest.TestCase):
         self.assertTrue(math.isnan(diso_equivalence.spearman([1, 1, 1], [1, 2, 3])))
 
 
+@pytest.mark.slow
+class LossFieldsTest(absltest.TestCase):
+
+    def test_tiny_variant_reproduces_the_docs_shares(self):
+        import loss_fields
+
+        out = self.create_tempdir().full_path
+        written = loss_fields.main(["--out", out, "--variant", "tiny"])
+        self.assertEqual([os.path.basename(p) for p in written],
+                         ["gradient_fields.png", "distance_rates.png",
+                          "similarity_changes.png"])
+        for p in written:
+            self.assertGreater(os.path.getsize(p), 1000, p)
+        with open(os.path.join(out, "similarity_changes.json")) as f:
+            table = json.load(f)
+        with open(os.path.join(REPO, "docs", "similarity_changes.json")) as f:
+            docs = json.load(f)
+        # The notebook grid is the same 20 x 20 in both variants: the shares in docs/ and
+        # the README are what this command computes.
+        self.assertEqual([r["loss"] for r in table], [r["loss"] for r in docs])
+        for got, want in zip(table, docs):
+            for k in ("projection 0", "projection 1"):
+                self.assertAlmostEqual(got[k], want[k], places=6, msg=(got["loss"], k))
+        hinge = next(r for r in table if r["loss"].startswith("hinge")
+                     and r["learning_rate"] == 0.1 and r["entanglement"] == 0.5)
+        # The README's numbers (lr 0.1, entanglement 0.5): the hinge pulls 13 % / 32 % of
+        # the hard cells' negatives in (projection 0 / 1).
+        self.assertAlmostEqual(hinge["projection 0"], 0.13, delta=0.005)
+        self.assertAlmostEqual(hinge["projection 1"], 0.32, delta=0.005)
+        for r in table:
+            if r["entanglement"] != 0.0:
+                continue
+            # Orthogonal p and n without entanglement: no loss pulls a hard negative in;
+            # SCT's hard branch pulls none in at either projection.
+            self.assertEqual(r["projection 0"], 0.0, r["loss"])
+            if r["loss"].startswith("SCT"):
+                self.assertEqual(r["projection 1"], 0.0, r["loss"])
+            else:
+                self.assertGreater(r["projection 1"], 0.0, r["loss"])
+
 if __name__ == "__main__":
     absltest.main()

@@ -40,18 +40,18 @@ from hnm.analysis._collapse import (COLLAPSE_KINDS, DEFAULT_DISTANCE_THRESHOLD,
 from hnm.analysis._diso import (PLANE_MIN_DIAMETER, collapse_boundary, diso_bounds,
                                 diso_lower_bound, packing_diameter, separation_violations,
                                 sphere_capacity)
-from hnm.analysis._fields import (FORMS, REALISABLE_TOL, EmbeddingGradients, LossFn,
+from hnm.analysis._fields import (FORMS, HARD_PULL_ATOL, REALISABLE_TOL, EmbeddingGradients, LossFn,
                                   LossGradients, SimilarityChange, SphereTriplet,
                                   embedding_gradients, hard_pull_share, loss_gradient_field,
                                   one_step_similarity_change, triplet_on_sphere)
 
 __all__ = [
     "COLLAPSE_KINDS", "DEFAULT_DISTANCE_THRESHOLD", "DEFAULT_LOSS_RATIO_TOL",
-    "DEFAULT_SPREAD_RATIO", "FORMS", "LOG_2", "PLANE_MIN_DIAMETER", "RANK_RTOL",
+    "DEFAULT_SPREAD_RATIO", "FORMS", "HARD_PULL_ATOL", "LOG_2", "PLANE_MIN_DIAMETER", "RANK_RTOL",
     "REALISABLE_TOL", "TRAINING_DISO_STEPS", "EmbeddingGradients", "LossFn", "LossGradients",
     "SimilarityChange", "SphereTriplet", "collapse_boundary", "collapse_diagnostics",
-    "diso_bounds", "diso_lower_bound", "embedding_gradients", "hard_pull_share",
-    "is_collapsed", "is_collapsed_relative", "loss_collapse_value",
+    "diso_bounds", "diso_lower_bound", "embedding_gradients", "hard_pull_share", "is_collapsed",
+    "is_collapsed_relative", "loss_collapse_value", "loss_gradient_field",
     "loss_relative_to_collapse", "one_step_similarity_change", "packing_diameter",
     "separation_violations", "sphere_capacity", "spread_ratio", "training_diagnostics",
     "triplet_on_sphere",
