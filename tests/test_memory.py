@@ -12,6 +12,7 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from absl.testing import absltest, parameterized
 
 from hnm import distances, memory, objectives, parallel
@@ -200,14 +201,25 @@ class RingBufferTest(absltest.TestCase):
 
 
 ALL = tuple(n for n in objectives.names() if not objectives.is_parametric(n))
+# One objective per family in the default run; the others run the same check in the slow run.
+DEFAULT = ("sct", "semihard", "batch_all", "multi_similarity", "distance_weighted",
+           "smooth_ap", "ntxent")
 
 
 class EmptyMemoryIsANoOpTest(parameterized.TestCase):
     """An empty memory and a warm-up-masked full one give the plain objective: loss, aux,
     gradient."""
 
-    @parameterized.parameters(*ALL)
+    @parameterized.parameters(*(n for n in ALL if n in DEFAULT))
     def test_empty_and_masked_memory_equal_plain_batch(self, name):
+        self._check(name)
+
+    @parameterized.parameters(*(n for n in ALL if n not in DEFAULT))
+    @pytest.mark.slow
+    def test_empty_and_masked_memory_equal_plain_batch_others(self, name):
+        self._check(name)
+
+    def _check(self, name):
         emb, labels, mem = _problem(1)
         fn = objectives.get(name)
         key = jax.random.key(3)
@@ -281,6 +293,7 @@ class MultiDeviceTest(parameterized.TestCase):
         self.assertEqual(int(want.ptr), (7 + n_dev * local) % size)
 
     @parameterized.parameters("sct", "distance_weighted")
+    @pytest.mark.slow  # tests/test_parallel.py checks both with memory through the train step
     def test_objective_with_memory_sums_to_single_device(self, name):
         n_dev, local = 8, 3
         emb, labels, mem = _problem(9, b=n_dev * local)
@@ -362,6 +375,7 @@ class TrainerTest(absltest.TestCase):
         for a, b in zip(jax.tree.leaves(s8.params), jax.tree.leaves(s1.params)):
             np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
+    @pytest.mark.slow  # two short training runs
     def test_memory_is_filled_checkpointed_and_restored(self):
         from hnm import train  # pylint: disable=import-outside-toplevel
         wd, wd_resumed = self.create_tempdir().full_path, self.create_tempdir().full_path
