@@ -7,6 +7,7 @@ from absl.testing import parameterized
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from hnm import models
 
@@ -94,8 +95,15 @@ class ConfigTest(parameterized.TestCase):
 
 class ShapeTest(parameterized.TestCase):
 
-    @parameterized.parameters("mlp", "cnn", "resnet18")
+    @parameterized.parameters("mlp", "cnn")
     def test_output_shapes_and_dtypes(self, backbone):
+        self._check_shapes(backbone)
+
+    @pytest.mark.slow  # compiling a ResNet-18 forward pass on CPU takes ~15 s
+    def test_output_shapes_and_dtypes_resnet18(self):
+        self._check_shapes("resnet18")
+
+    def _check_shapes(self, backbone):
         model, variables = _model_and_variables(backbone)
         x = _images(IMAGE_SHAPES[backbone])
         emb = model.apply(variables, x, train=False)
@@ -273,6 +281,7 @@ class ParamCountTest(parameterized.TestCase):
         self.assertEqual(params + stats, 23_587_712)
 
 
+@pytest.mark.slow  # TensorFlow/Keras import + a ResNet-50 forward in both frameworks
 class KerasConversionTest(absltest.TestCase):
 
     def test_pooled_features_equal_keras(self):
