@@ -10,6 +10,7 @@ import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from absl.testing import absltest, parameterized
 
 from hnm import distances
@@ -18,6 +19,18 @@ from hnm import objectives
 TRIPLET = ("batch_all", "batch_hard", "ephn", "epshn", "sct", "semihard")
 # Parameter-free objectives (the parametric ones: tests/test_parametric.py).
 ALL_NAMES = tuple(n for n in objectives.names() if not objectives.is_parametric(n))
+# Checks repeated over many objectives run one objective per family in the default run and
+# the others in the slow run (the same check, `..._others`).
+DEFAULT_OBJECTIVES = ("batch_hard", "sct", "multi_similarity", "distance_weighted",
+                      "smooth_ap", "ntxent")
+
+
+def _default(names):
+    return tuple(n for n in names if n in DEFAULT_OBJECTIVES)
+
+
+def _others(names):
+    return tuple(n for n in names if n not in DEFAULT_OBJECTIVES)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -325,8 +338,16 @@ class OfficialSemanticsTest(absltest.TestCase):
 
 class DegenerateInputTest(parameterized.TestCase):
 
-    @parameterized.parameters(*TRIPLET)
+    @parameterized.parameters(*_default(TRIPLET))
     def test_no_triplet_gives_zero_loss_and_gradient(self, name):
+        self._test_no_triplet_gives_zero_loss_and_gradient(name)
+
+    @parameterized.parameters(*_others(TRIPLET))
+    @pytest.mark.slow
+    def test_no_triplet_gives_zero_loss_and_gradient_others(self, name):
+        self._test_no_triplet_gives_zero_loss_and_gradient(name)
+
+    def _test_no_triplet_gives_zero_loss_and_gradient(self, name):
         rng = np.random.default_rng(0)
         for labels in (np.zeros(6, int), np.arange(6), np.zeros(1, int)):
             emb = jnp.asarray(rng.normal(size=(len(labels), 4)), jnp.float32)
@@ -355,8 +376,16 @@ class DegenerateInputTest(parameterized.TestCase):
 
 class TransformTest(parameterized.TestCase):
 
-    @parameterized.parameters(*TRIPLET)
+    @parameterized.parameters(*_default(TRIPLET))
     def test_no_retrace_for_new_label_patterns(self, name):
+        self._test_no_retrace_for_new_label_patterns(name)
+
+    @parameterized.parameters(*_others(TRIPLET))
+    @pytest.mark.slow
+    def test_no_retrace_for_new_label_patterns_others(self, name):
+        self._test_no_retrace_for_new_label_patterns(name)
+
+    def _test_no_retrace_for_new_label_patterns(self, name):
         fn = objectives.get(name)
         chex.clear_trace_counter()  # counters are keyed by the wrapped function's code
         traced = jax.jit(chex.assert_max_traces(lambda e, y: fn(e, y), n=1))
@@ -366,8 +395,16 @@ class TransformTest(parameterized.TestCase):
             want, _ = reference(name, emb, labels)
             np.testing.assert_allclose(loss, want, rtol=2e-4, atol=2e-5)
 
-    @parameterized.parameters(*TRIPLET)
+    @parameterized.parameters(*_default(TRIPLET))
     def test_vmap_over_a_batch_of_problems(self, name):
+        self._test_vmap_over_a_batch_of_problems(name)
+
+    @parameterized.parameters(*_others(TRIPLET))
+    @pytest.mark.slow
+    def test_vmap_over_a_batch_of_problems_others(self, name):
+        self._test_vmap_over_a_batch_of_problems(name)
+
+    def _test_vmap_over_a_batch_of_problems(self, name):
         fn = objectives.get(name)
         problems = [_problem(s, k) for s, k in ((0, "random"), (1, "pk"), (2, "odd"))]
         emb = jnp.asarray(np.stack([p[0] for p in problems]))
@@ -385,8 +422,16 @@ class TransformTest(parameterized.TestCase):
 class MultiDeviceTest(parameterized.TestCase):
     """pmap over 8 CPU devices == one device on the concatenated batch (loss and grads)."""
 
-    @parameterized.parameters(*TRIPLET)
+    @parameterized.parameters(*_default(TRIPLET))
     def test_sum_of_shares_equals_single_device(self, name):
+        self._test_sum_of_shares_equals_single_device(name)
+
+    @parameterized.parameters(*_others(TRIPLET))
+    @pytest.mark.slow
+    def test_sum_of_shares_equals_single_device_others(self, name):
+        self._test_sum_of_shares_equals_single_device(name)
+
+    def _test_sum_of_shares_equals_single_device(self, name):
         n_dev = jax.device_count()
         self.assertGreaterEqual(n_dev, 8)
         local = 3
@@ -410,8 +455,15 @@ class MultiDeviceTest(parameterized.TestCase):
                                        atol=1e-6, err_msg=key)
 
 
-    @parameterized.parameters("batch_all", "semihard", "sct")
-    def test_shard_map_with_varying_axis_types(self, name):
+    def test_shard_map_with_varying_axis_types(self):
+        self._shard_map(name="sct")
+
+    @parameterized.parameters("batch_all", "semihard")
+    @pytest.mark.slow
+    def test_shard_map_with_varying_axis_types_others(self, name):
+        self._shard_map(name)
+
+    def _shard_map(self, name):
         # shard_map checks that loop carries vary like the data (pmap does not).
         n_dev = 8
         mesh = jax.sharding.Mesh(np.array(jax.devices()[:n_dev]), ("batch",))
@@ -442,6 +494,7 @@ class RegistryAndErrorsTest(parameterized.TestCase):
         self.assertContainsSubset({"contrastive", "multi_similarity", "supcon",
                                    "distance_weighted"}, set(names))
 
+    @pytest.mark.slow  # one compile per objective
     def test_frac_hard_has_one_meaning(self):
         """frac_hard is the mined-triplet hn_ratio; pair objectives say frac_hard_ephn."""
         emb, labels = _problem(3)
@@ -563,8 +616,16 @@ class RegistryAndErrorsTest(parameterized.TestCase):
             objectives.check_options("nope", {})
         self.assertFalse(any(objectives.is_parametric(n) for n in objectives.OBJECTIVES))
 
-    @parameterized.parameters(*ALL_NAMES)
+    @parameterized.parameters(*_default(ALL_NAMES))
     def test_huge_and_tiny_embeddings_normalise_exactly(self, name):
+        self._test_huge_and_tiny_embeddings_normalise_exactly(name)
+
+    @parameterized.parameters(*_others(ALL_NAMES))
+    @pytest.mark.slow
+    def test_huge_and_tiny_embeddings_normalise_exactly_others(self, name):
+        self._test_huge_and_tiny_embeddings_normalise_exactly(name)
+
+    def _test_huge_and_tiny_embeddings_normalise_exactly(self, name):
         """Every objective normalises by default: scaling the rows by 1e20 or 1e-6 changes
         neither the loss nor, up to that factor, the gradient (the squared norm of a 1e20 row
         used to overflow: a finite wrong loss with zero gradient)."""
@@ -583,8 +644,16 @@ class RegistryAndErrorsTest(parameterized.TestCase):
                 np.testing.assert_allclose(np.asarray(grad, np.float64) * scale, want_grad,
                                            rtol=2e-3, atol=2e-5)
 
-    @parameterized.parameters(*ALL_NAMES)
+    @parameterized.parameters(*_default(ALL_NAMES))
     def test_non_finite_embeddings_give_a_nan_loss(self, name):
+        self._test_non_finite_embeddings_give_a_nan_loss(name)
+
+    @parameterized.parameters(*_others(ALL_NAMES))
+    @pytest.mark.slow
+    def test_non_finite_embeddings_give_a_nan_loss_others(self, name):
+        self._test_non_finite_embeddings_give_a_nan_loss(name)
+
+    def _test_non_finite_embeddings_give_a_nan_loss(self, name):
         """One NaN or inf element: NaN loss and aux loss (masks would drop the row silently)."""
         fn = jax.jit(objectives.get(name))
         emb, labels = _problem(4)
@@ -618,8 +687,16 @@ class RegistryAndErrorsTest(parameterized.TestCase):
         self.assertTrue(np.isfinite(float(fn(emb, labels, key)[0])))
         self.assertTrue(np.isnan(float(fn(emb, labels, key, memory=mem)[0])))
 
-    @parameterized.parameters(*ALL_NAMES)
+    @parameterized.parameters(*_default(ALL_NAMES))
     def test_empty_batch_and_dimension_name_the_argument(self, name):
+        self._test_empty_batch_and_dimension_name_the_argument(name)
+
+    @parameterized.parameters(*_others(ALL_NAMES))
+    @pytest.mark.slow
+    def test_empty_batch_and_dimension_name_the_argument_others(self, name):
+        self._test_empty_batch_and_dimension_name_the_argument(name)
+
+    def _test_empty_batch_and_dimension_name_the_argument(self, name):
         fn = objectives.get(name)
         key = jax.random.key(0)
         with self.assertRaisesRegex(ValueError, r"`embeddings` is empty along B \(rows\)"):
@@ -627,8 +704,16 @@ class RegistryAndErrorsTest(parameterized.TestCase):
         with self.assertRaisesRegex(ValueError, r"`embeddings` is empty along D \(columns\)"):
             fn(jnp.zeros((4, 0)), jnp.arange(4), key)
 
-    @parameterized.parameters(*ALL_NAMES)
+    @parameterized.parameters(*_default(ALL_NAMES))
     def test_labels_outside_int32_or_the_mask_value_raise(self, name):
+        self._test_labels_outside_int32_or_the_mask_value_raise(name)
+
+    @parameterized.parameters(*_others(ALL_NAMES))
+    @pytest.mark.slow
+    def test_labels_outside_int32_or_the_mask_value_raise_others(self, name):
+        self._test_labels_outside_int32_or_the_mask_value_raise(name)
+
+    def _test_labels_outside_int32_or_the_mask_value_raise(self, name):
         fn = objectives.get(name)
         key = jax.random.key(0)
         emb, labels = _problem(1)
@@ -648,8 +733,16 @@ class RegistryAndErrorsTest(parameterized.TestCase):
         want = jax.jit(fn)(emb, labels.astype(np.int32), key)[0]
         np.testing.assert_allclose(fn(emb, labels.astype(np.int64), key)[0], want, rtol=1e-6)
 
-    @parameterized.parameters(*TRIPLET)
+    @parameterized.parameters(*_default(TRIPLET))
     def test_bad_inputs_name_the_argument(self, name):
+        self._test_bad_inputs_name_the_argument(name)
+
+    @parameterized.parameters(*_others(TRIPLET))
+    @pytest.mark.slow
+    def test_bad_inputs_name_the_argument_others(self, name):
+        self._test_bad_inputs_name_the_argument(name)
+
+    def _test_bad_inputs_name_the_argument(self, name):
         fn = objectives.get(name)
         emb, labels = jnp.zeros((4, 2)), jnp.zeros(4, jnp.int32)
         with self.assertRaisesRegex(ValueError, "embeddings"):
