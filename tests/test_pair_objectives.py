@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 from jax.test_util import check_grads
 import numpy as np
+import pytest
 from scipy import stats
 
 from hnm import distances
@@ -410,6 +411,7 @@ class EdgeCaseTest(parameterized.TestCase):
         self.assertTrue(np.all(np.isfinite(grad)))
         self.assertTrue(all(np.isfinite(v) for v in aux.values()))
 
+    @pytest.mark.slow  # numerical gradients of four objectives
     def test_check_grads(self):
         # One compilation: a weighted sum of the four objectives (a wrong gradient in any of
         # them breaks the sum's). Kinks (hinges, mining) are far from these random points.
@@ -534,6 +536,16 @@ class SamplerTest(parameterized.TestCase):
 
 # ------------------------------------------------------------------ jit / vmap / devices
 OBJ_NAMES = ("contrastive", "multi_similarity", "supcon", "distance_weighted")
+# The pmap check runs two of them by default and the other two in the slow run.
+DEFAULT_OBJECTIVES = ("multi_similarity", "distance_weighted")
+
+
+def _default(names):
+    return tuple(n for n in names if n in DEFAULT_OBJECTIVES)
+
+
+def _others(names):
+    return tuple(n for n in names if n not in DEFAULT_OBJECTIVES)
 
 
 class TransformTest(parameterized.TestCase):
@@ -553,8 +565,16 @@ class TransformTest(parameterized.TestCase):
             np.testing.assert_allclose(batched_loss[i], loss, rtol=1e-4)
             self.assertEqual(int(batched_aux["num_valid"][i]), int(aux["num_valid"]))
 
-    @parameterized.parameters(*OBJ_NAMES)
+    @parameterized.parameters(*_default(OBJ_NAMES))
     def test_pmap_shares_equal_single_device(self, name):
+        self._test_pmap_shares_equal_single_device(name)
+
+    @parameterized.parameters(*_others(OBJ_NAMES))
+    @pytest.mark.slow
+    def test_pmap_shares_equal_single_device_others(self, name):
+        self._test_pmap_shares_equal_single_device(name)
+
+    def _test_pmap_shares_equal_single_device(self, name):
         # Labels interleaved across devices (positives live on other devices); the DW draws
         # depend on (key, global anchor row) only, so one key gives identical negatives.
         per_device = 3
