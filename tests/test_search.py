@@ -37,9 +37,11 @@ def _data(seed, n, d=5):
 
 class KnnTest(parameterized.TestCase):
 
-    @parameterized.product(kind=search.SIMILARITIES, block_size=(None, (3, 7)),
-                           exclude_self=(False, True))
-    def test_self_search_matches_reference(self, kind, block_size, exclude_self):
+    # Every similarity unblocked with self, and blocked (3 x 7 tiles over 29 rows) without.
+    @parameterized.product(kind=search.SIMILARITIES,
+                           setting=((None, False), ((3, 7), True)))
+    def test_self_search_matches_reference(self, kind, setting):
+        block_size, exclude_self = setting
         x = _data(0, 29)
         scores, idx = search.knn(x, None, 5, similarity=kind, exclude_self=exclude_self,
                                  block_size=block_size)
