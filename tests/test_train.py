@@ -33,6 +33,7 @@ def _pk_batch(num_classes=16, k=2, image_shape=(4, 4, 1), seed=0):
     return {"images": images, "labels": labels}
 
 
+@pytest.mark.slow  # tests/test_parallel.py checks the same per objective in the default run
 class PmapStepTest(absltest.TestCase):
     """One pmapped step on 8 devices equals one step of 1 device on the concatenated batch."""
 
