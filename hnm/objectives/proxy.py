@@ -575,7 +575,7 @@ def margin(params: Params, embeddings: ArrayLike, labels: ArrayLike | None = Non
     if labels is None:
         raise ValueError("`labels` is required by 'margin' (they index `params['beta']`).")
     pr = rel.pairs(embeddings, labels, normalize=True, axis_name=axis_name, memory=memory,
-                   pos_mask=pos_mask, neg_mask=neg_mask)
+                   pos_mask=pos_mask, neg_mask=neg_mask, labels_with_masks=True)
     labels = jnp.asarray(labels)
     in_range = (labels >= 0) & (labels < beta.shape[0])
     beta_a = beta[jnp.clip(labels, 0, beta.shape[0] - 1)].astype(pr.emb.dtype)[:, None]
