@@ -36,6 +36,13 @@ the pair objectives.
 objectives; the proxy losses have no reference set (the proxies are the memory) and raise a
 ValueError when given one.
 
+**Non-finite input gives a non-finite loss**, as for every objective: if any embedding row
+of any device (``axis_name``: a ``psum`` of the count), any proxy, or for ``margin`` any
+memory row or β, holds NaN or inf, ``loss`` and ``aux["loss"]`` are NaN on every device, even
+where the row would be masked out (a label outside ``[0, C)``, a ``pos_mask`` row without
+positives), so a trainer that checks the loss stops instead of applying a NaN gradient (the
+other aux values are then meaningless).
+
 **aux** (global, no gradient): ``loss``, ``num_valid`` (rows that counted; triplets for
 ``margin``), ``mean_sim_ap`` (cosine to the own proxy), ``mean_sim_an`` (to the other
 proxies), ``frac_hard_ephn`` (rows whose most similar other proxy beats their own: the
@@ -196,9 +203,29 @@ def _mean_share(per_row: jax.Array, valid: jax.Array, axis_name: str | None) -> 
     return distances.global_mean_of(rel.masked_sum(per_row, valid), jnp.sum(valid), axis_name)
 
 
-def _softmax_objective(per_row, cos, target, valid, axis_name, extra=0.0):
+def _finish(loss: jax.Array, aux: Aux, x: jax.Array, p: jax.Array,
+            axis_name: str | None) -> tuple[jax.Array, Aux]:
+    """``(loss, aux)`` with ``loss`` and ``aux["loss"]`` NaN on every device when any
+    embedding row of any device, or any proxy, is non-finite.
+
+    A proxy loss has no gathered reference set, and a non-finite row whose label is out of
+    range (or, with ``pos_mask``, without positives) is masked out of the sum: without this
+    the loss would stay finite (on the other devices always) while the gradient is NaN, and
+    a trainer that watches the loss would apply the update. The poison is a stopped
+    constant: the gradient is the one computed, never changed.
+    """
+    bad = jnp.sum(~jnp.isfinite(x)) + jnp.sum(~jnp.isfinite(p))
+    bad = distances.global_sum(jax.lax.stop_gradient(bad).astype(jnp.float32), axis_name)
+    # all_finite: the flag typed replicated under shard_map (a psum over what still varies).
+    finite = distances.all_finite(jnp.where(bad > 0, jnp.nan, 0.0))
+    poison = jax.lax.stop_gradient(jnp.where(finite, 0.0, jnp.nan)).astype(loss.dtype)
+    return loss + poison, dict(aux, loss=aux["loss"] + poison.astype(aux["loss"].dtype))
+
+
+def _softmax_objective(per_row, cos, target, valid, axis_name, extra=0.0, *, rows):
     loss = _mean_share(per_row, valid, axis_name) + extra
-    return loss, _proxy_aux(loss, cos, target, valid, per_row, axis_name)
+    return _finish(loss, _proxy_aux(loss, cos, target, valid, per_row, axis_name), *rows,
+                   axis_name)
 
 
 # ----------------------------------------------------------------------- ProxyNCA
@@ -246,7 +273,7 @@ def proxy_nca(params: Params, embeddings: ArrayLike, labels: ArrayLike | None = 
     log_z = jax.nn.logsumexp(logits, axis=1)
     log_pos = rel.masked_logsumexp(logits, target)
     per_row = jnp.where(valid, log_z - log_pos, 0.0)
-    return _softmax_objective(per_row, x @ p.T, target, valid, axis_name)
+    return _softmax_objective(per_row, x @ p.T, target, valid, axis_name, rows=(x, p))
 
 
 # --------------------------------------------------------------------- Proxy-Anchor
@@ -310,7 +337,8 @@ def proxy_anchor(params: Params, embeddings: ArrayLike, labels: ArrayLike | None
     share = loss / rel.num_devices(axis_name)
     # aux on the local rows (its psum restores the global counts), loss is the global one.
     per_row = local_valid.astype(cos.dtype)
-    return share, _proxy_aux(share, local_cos, local_target, local_valid, per_row, axis_name)
+    return _finish(share, _proxy_aux(share, local_cos, local_target, local_valid, per_row,
+                                     axis_name), x, p, axis_name)
 
 
 # --------------------------------------------------------------- NormSoftmax etc.
@@ -343,7 +371,7 @@ def norm_softmax(params: Params, embeddings: ArrayLike, labels: ArrayLike,
     x, p, target, valid = _inputs(params, embeddings, labels, 1)
     cos = x @ p.T
     per_row = jnp.where(valid, _cross_entropy(cos / temperature, target), 0.0)
-    return _softmax_objective(per_row, cos, target, valid, axis_name)
+    return _softmax_objective(per_row, cos, target, valid, axis_name, rows=(x, p))
 
 
 def _sine(cos: jax.Array) -> jax.Array:
@@ -360,10 +388,10 @@ def _arc_margin(cos: jax.Array, margin: ArrayLike) -> jax.Array:
     return jnp.where(cos >= -cos_m, plus, cos - margin * sin_m)
 
 
-def _margin_softmax(cos, target, valid, target_logit, scale, axis_name, extra=0.0):
+def _margin_softmax(cos, target, valid, target_logit, scale, axis_name, extra=0.0, *, rows):
     logits = scale * jnp.where(target, target_logit, cos)
     per_row = jnp.where(valid, _cross_entropy(logits, target), 0.0)
-    return _softmax_objective(per_row, cos, target, valid, axis_name, extra)
+    return _softmax_objective(per_row, cos, target, valid, axis_name, extra, rows=rows)
 
 
 def arcface(params: Params, embeddings: ArrayLike, labels: ArrayLike,
@@ -402,7 +430,8 @@ def arcface(params: Params, embeddings: ArrayLike, labels: ArrayLike,
     check_arc_margin(margin)
     x, p, target, valid = _inputs(params, embeddings, labels, 1)
     cos = x @ p.T
-    return _margin_softmax(cos, target, valid, _arc_margin(cos, margin), scale, axis_name)
+    return _margin_softmax(cos, target, valid, _arc_margin(cos, margin), scale, axis_name,
+                           rows=(x, p))
 
 
 def cosface(params: Params, embeddings: ArrayLike, labels: ArrayLike,
@@ -434,7 +463,7 @@ def cosface(params: Params, embeddings: ArrayLike, labels: ArrayLike,
     _no_memory(memory, "cosface")
     x, p, target, valid = _inputs(params, embeddings, labels, 1)
     cos = x @ p.T
-    return _margin_softmax(cos, target, valid, cos - margin, scale, axis_name)
+    return _margin_softmax(cos, target, valid, cos - margin, scale, axis_name, rows=(x, p))
 
 
 def sub_center_arcface(params: Params, embeddings: ArrayLike, labels: ArrayLike,
@@ -469,7 +498,8 @@ def sub_center_arcface(params: Params, embeddings: ArrayLike, labels: ArrayLike,
     check_arc_margin(margin)
     x, p, target, valid = _inputs(params, embeddings, labels, sub_centers)
     cos = jnp.max((x @ p.T).reshape(x.shape[0], -1, sub_centers), axis=2)
-    return _margin_softmax(cos, target, valid, _arc_margin(cos, margin), scale, axis_name)
+    return _margin_softmax(cos, target, valid, _arc_margin(cos, margin), scale, axis_name,
+                           rows=(x, p))
 
 
 def soft_triple(params: Params, embeddings: ArrayLike, labels: ArrayLike,
@@ -528,7 +558,8 @@ def soft_triple(params: Params, embeddings: ArrayLike, labels: ArrayLike,
         extra = tau * reg / rel.num_devices(axis_name)
     logits = la * (sim_class - margin * target)
     per_row = jnp.where(valid, _cross_entropy(logits, target), 0.0)
-    return _softmax_objective(per_row, sim_class, target, valid, axis_name, extra)
+    return _softmax_objective(per_row, sim_class, target, valid, axis_name, extra,
+                              rows=(x, p))
 
 
 # ---------------------------------------------------------------- margin loss (β)
@@ -594,9 +625,12 @@ def margin(params: Params, embeddings: ArrayLike, labels: ArrayLike | None = Non
     # PML: no triplet at all gives 0 (its divisor would be 0 too).
     share = distances.global_mean_of(total, divisor, axis_name)
     cos = pr.emb @ pr.ref.T
-    return share, rel.pair_aux(share, cos, pos, neg, num_valid=num_triplets,
-                               num_active=divisor, num_units=2 * num_triplets,
-                               axis_name=axis_name)
+    # rel.finish: NaN when any gathered or memory row is non-finite; non-finite beta too.
+    share = share + jax.lax.stop_gradient(
+        jnp.where(jnp.all(jnp.isfinite(beta)), 0.0, jnp.nan)).astype(share.dtype)
+    aux = rel.pair_aux(share, cos, pos, neg, num_valid=num_triplets, num_active=divisor,
+                       num_units=2 * num_triplets, axis_name=axis_name)
+    return rel.finish(share, aux, pr)
 
 
 # ------------------------------------------------------------------------ registry
