@@ -275,3 +275,57 @@ def test_miner_rejects_labels_with_masks():
         miners.mine_hardest(sim, jnp.asarray(LABELS), pos_mask=pos, neg_mask=neg)
     with pytest.raises(ValueError, match="shape"):
         miners.mine_semihard(sim, pos_mask=pos[:2], neg_mask=neg[:2])
+
+
+# ------------------------------------------------------------------ every objective
+# Objectives without custom relevance, and why: n_pairs pairs one positive per class.
+NO_MASKS = ("n_pairs",)
+PROXY_MASKS = ("arcface", "cosface", "norm_softmax", "proxy_anchor", "proxy_nca",
+               "soft_triple", "sub_center_arcface")   # pos_mask [B, C] against the classes
+C = 4
+
+
+def _apply_fn(name):
+    from hnm.objectives import proxy
+    return proxy.PARAMETRIC[name][1] if objectives.is_parametric(name) else \
+        objectives.OBJECTIVES[name]
+
+
+def test_every_objective_takes_masks_or_is_listed():
+    """Signatures only (no compile): who takes ``pos_mask`` / ``neg_mask``."""
+    import inspect
+    for name in objectives.names():
+        params = inspect.signature(_apply_fn(name)).parameters
+        if name in NO_MASKS:
+            assert "pos_mask" not in params, name
+        elif name in PROXY_MASKS:
+            assert "pos_mask" in params and "neg_mask" not in params, name
+        else:
+            assert "pos_mask" in params and "neg_mask" in params, name
+
+
+@pytest.mark.slow   # 2 compiles per objective (labels, masks), loss only: ~0.5-3 s each
+@pytest.mark.parametrize("name", [n for n in objectives.names()
+                                  if n not in NO_MASKS + OLD])   # OLD: checked above
+def test_every_objective_masks_from_labels_equal_labels(name):
+    emb = jnp.asarray(emb_of(30), jnp.float32)
+    labels = jnp.asarray(LABELS)
+    obj = objectives.get(name)
+    if objectives.is_parametric(name):
+        params = obj.init(jax.random.key(1), C, D)
+        fn = functools.partial(obj.apply, params)
+    else:
+        fn = obj
+    pos, neg = (jnp.asarray(m) for m in masks_from_labels(LABELS, LABELS))
+    want, _ = jax.jit(lambda e, y: fn(e, y, KEY))(emb, labels)
+    if name in PROXY_MASKS:
+        onehot = jnp.arange(C)[None, :] == labels[:, None]
+        got, _ = jax.jit(lambda e, p: fn(e, None, KEY, pos_mask=p))(emb, onehot)
+    elif name == "margin":   # its labels pick each anchor's beta; masks give relevance
+        got, _ = jax.jit(lambda e, y, p, n: fn(e, y, KEY, pos_mask=p, neg_mask=n))(
+            emb, labels, pos, neg)
+    else:
+        got, _ = jax.jit(lambda e, p, n: fn(e, None, KEY, pos_mask=p, neg_mask=n))(
+            emb, pos, neg)
+    assert np.isfinite(float(want))
+    np.testing.assert_allclose(float(got), float(want), rtol=1e-5, atol=1e-6)

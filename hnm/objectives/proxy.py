@@ -20,9 +20,13 @@ Proxies start as random unit vectors; every loss here uses only their direction 
 so their norm only sets the effective learning rate.
 
 **Labels** are class indices in ``[0, C)``; a row whose label is outside (e.g. padding with
-``hnm.distances.MASKED_LABEL``) counts for nothing. ``proxy_nca`` and ``proxy_anchor`` also
-accept an explicit relevance ``pos_mask`` [B, C] (bool, multi-label: a row may have several
-positive proxies) instead of labels.
+``hnm.distances.MASKED_LABEL``) counts for nothing. Every proxy objective also accepts an
+explicit relevance ``pos_mask`` [B, C] (bool, multi-label: a row may have several positive
+classes; a row with none counts for nothing) instead of labels, not both; the softmax losses
+then take ``-log`` of the probability of any positive class (ProxyNCA's rule; the same as the
+label for a one-hot row) and apply their margin to each positive. ``margin`` takes
+``pos_mask`` / ``neg_mask`` [B, M] against its reference set like the pair objectives, and
+its labels still pick each anchor's β.
 
 **Cross-device** (``axis_name``): the per-sample losses (all but ``proxy_anchor``) return
 local sum / global count; ``proxy_anchor``, whose per-proxy log-sum-exps run over the whole
@@ -193,9 +197,11 @@ def _proxy_aux(loss: jax.Array, cos: jax.Array, target: jax.Array, valid: jax.Ar
 
 
 def _cross_entropy(logits: jax.Array, target: jax.Array) -> jax.Array:
-    """Per-row softmax cross-entropy with a one-hot bool target [B, C]."""
+    """Per-row softmax cross-entropy with a bool target [B, C]: ``-log`` of the probability
+    of the target classes (one-hot: of the label; multi-hot ``pos_mask``: of any of them,
+    as ProxyNCA). For a one-hot row the log-sum-exp of the one logit is that logit exactly."""
     log_z = jax.nn.logsumexp(logits, axis=1)
-    return log_z - jnp.sum(jnp.where(target, logits, 0.0), axis=1)
+    return log_z - rel.masked_logsumexp(logits, target)
 
 
 def _mean_share(per_row: jax.Array, valid: jax.Array, axis_name: str | None) -> jax.Array:
@@ -342,9 +348,10 @@ def proxy_anchor(params: Params, embeddings: ArrayLike, labels: ArrayLike | None
 
 
 # --------------------------------------------------------------- NormSoftmax etc.
-def norm_softmax(params: Params, embeddings: ArrayLike, labels: ArrayLike,
+def norm_softmax(params: Params, embeddings: ArrayLike, labels: ArrayLike | None = None,
                  key: jax.Array | None = None, *, axis_name: str | None = None,
-                 memory: Any = None, temperature: ArrayLike = 0.05) -> tuple[jax.Array, Aux]:
+                 memory: Any = None, pos_mask: ArrayLike | None = None,
+                 temperature: ArrayLike = 0.05) -> tuple[jax.Array, Aux]:
     r"""Normalised softmax (NormSoftmax, Zhai & Wu 2019): cross-entropy on cosines / T.
 
     .. math::
@@ -357,6 +364,8 @@ def norm_softmax(params: Params, embeddings: ArrayLike, labels: ArrayLike,
       params: ``{"proxies": [C, D]}``.
       embeddings: [B, D]; labels: [B] class indices; key: unused; axis_name: device axis;
       memory: must be None.
+      pos_mask: [B, C] bool positive classes instead of ``labels`` (multi-label: the
+        probability of any of them; margins apply to each).
       temperature: :math:`T > 0` (0.05, as the paper and PML).
 
     Returns:
@@ -368,7 +377,7 @@ def norm_softmax(params: Params, embeddings: ArrayLike, labels: ArrayLike,
     del key
     _no_memory(memory, "norm_softmax")
     rel.check_positive(temperature, "temperature")
-    x, p, target, valid = _inputs(params, embeddings, labels, 1)
+    x, p, target, valid = _inputs(params, embeddings, labels, 1, pos_mask)
     cos = x @ p.T
     per_row = jnp.where(valid, _cross_entropy(cos / temperature, target), 0.0)
     return _softmax_objective(per_row, cos, target, valid, axis_name, rows=(x, p))
@@ -394,9 +403,10 @@ def _margin_softmax(cos, target, valid, target_logit, scale, axis_name, extra=0.
     return _softmax_objective(per_row, cos, target, valid, axis_name, extra, rows=rows)
 
 
-def arcface(params: Params, embeddings: ArrayLike, labels: ArrayLike,
+def arcface(params: Params, embeddings: ArrayLike, labels: ArrayLike | None = None,
             key: jax.Array | None = None, *, axis_name: str | None = None,
-            memory: Any = None, margin: ArrayLike = 0.5,
+            memory: Any = None, pos_mask: ArrayLike | None = None,
+            margin: ArrayLike = 0.5,
             scale: ArrayLike = 64.0) -> tuple[jax.Array, Aux]:
     r"""ArcFace (additive angular margin): cross-entropy on :math:`s\cos(\theta_{y} + m)`.
 
@@ -415,6 +425,8 @@ def arcface(params: Params, embeddings: ArrayLike, labels: ArrayLike,
       params: ``{"proxies": [C, D]}``.
       embeddings: [B, D]; labels: [B] class indices; key: unused; axis_name: device axis;
       memory: must be None.
+      pos_mask: [B, C] bool positive classes instead of ``labels`` (multi-label: the
+        probability of any of them; margins apply to each).
       margin: m in radians.
       scale: s.
 
@@ -428,15 +440,16 @@ def arcface(params: Params, embeddings: ArrayLike, labels: ArrayLike,
     del key
     _no_memory(memory, "arcface")
     check_arc_margin(margin)
-    x, p, target, valid = _inputs(params, embeddings, labels, 1)
+    x, p, target, valid = _inputs(params, embeddings, labels, 1, pos_mask)
     cos = x @ p.T
     return _margin_softmax(cos, target, valid, _arc_margin(cos, margin), scale, axis_name,
                            rows=(x, p))
 
 
-def cosface(params: Params, embeddings: ArrayLike, labels: ArrayLike,
+def cosface(params: Params, embeddings: ArrayLike, labels: ArrayLike | None = None,
             key: jax.Array | None = None, *, axis_name: str | None = None,
-            memory: Any = None, margin: ArrayLike = 0.35,
+            memory: Any = None, pos_mask: ArrayLike | None = None,
+            margin: ArrayLike = 0.35,
             scale: ArrayLike = 64.0) -> tuple[jax.Array, Aux]:
     r"""CosFace (large margin cosine loss): cross-entropy on :math:`s(\cos\theta_y - m)`.
 
@@ -450,6 +463,8 @@ def cosface(params: Params, embeddings: ArrayLike, labels: ArrayLike,
       params: ``{"proxies": [C, D]}``.
       embeddings: [B, D]; labels: [B]; key: unused; axis_name: device axis;
       memory: must be None.
+      pos_mask: [B, C] bool positive classes instead of ``labels`` (multi-label: the
+        probability of any of them; margins apply to each).
       margin: m.
       scale: s.
 
@@ -461,14 +476,15 @@ def cosface(params: Params, embeddings: ArrayLike, labels: ArrayLike,
     """
     del key
     _no_memory(memory, "cosface")
-    x, p, target, valid = _inputs(params, embeddings, labels, 1)
+    x, p, target, valid = _inputs(params, embeddings, labels, 1, pos_mask)
     cos = x @ p.T
     return _margin_softmax(cos, target, valid, cos - margin, scale, axis_name, rows=(x, p))
 
 
-def sub_center_arcface(params: Params, embeddings: ArrayLike, labels: ArrayLike,
+def sub_center_arcface(params: Params, embeddings: ArrayLike, labels: ArrayLike | None = None,
                        key: jax.Array | None = None, *, axis_name: str | None = None,
-                       memory: Any = None, margin: ArrayLike = 0.5, scale: ArrayLike = 64.0,
+                       memory: Any = None, pos_mask: ArrayLike | None = None,
+                       margin: ArrayLike = 0.5, scale: ArrayLike = 64.0,
                        sub_centers: int = 3) -> tuple[jax.Array, Aux]:
     r"""Sub-center ArcFace: ArcFace on the most similar of K sub-centres per class.
 
@@ -483,6 +499,8 @@ def sub_center_arcface(params: Params, embeddings: ArrayLike, labels: ArrayLike,
       params: ``{"proxies": [C·K, D]}``.
       embeddings: [B, D]; labels: [B]; key: unused; axis_name: device axis;
       memory: must be None.
+      pos_mask: [B, C] bool positive classes instead of ``labels`` (multi-label: the
+        probability of any of them; margins apply to each).
       margin: m in radians.
       scale: s.
       sub_centers: K (also the ``init`` option).
@@ -496,15 +514,16 @@ def sub_center_arcface(params: Params, embeddings: ArrayLike, labels: ArrayLike,
     del key
     _no_memory(memory, "sub_center_arcface")
     check_arc_margin(margin)
-    x, p, target, valid = _inputs(params, embeddings, labels, sub_centers)
+    x, p, target, valid = _inputs(params, embeddings, labels, sub_centers, pos_mask)
     cos = jnp.max((x @ p.T).reshape(x.shape[0], -1, sub_centers), axis=2)
     return _margin_softmax(cos, target, valid, _arc_margin(cos, margin), scale, axis_name,
                            rows=(x, p))
 
 
-def soft_triple(params: Params, embeddings: ArrayLike, labels: ArrayLike,
+def soft_triple(params: Params, embeddings: ArrayLike, labels: ArrayLike | None = None,
                 key: jax.Array | None = None, *, axis_name: str | None = None,
-                memory: Any = None, centers_per_class: int = 10, la: ArrayLike = 20.0,
+                memory: Any = None, pos_mask: ArrayLike | None = None,
+                centers_per_class: int = 10, la: ArrayLike = 20.0,
                 gamma: ArrayLike = 0.1, margin: ArrayLike = 0.01,
                 tau: ArrayLike = 0.0) -> tuple[jax.Array, Aux]:
     r"""SoftTriple loss (Qian et al. 2019): a soft max over K centres per class.
@@ -526,6 +545,8 @@ def soft_triple(params: Params, embeddings: ArrayLike, labels: ArrayLike,
       params: ``{"proxies": [C·K, D]}`` class-major.
       embeddings: [B, D]; labels: [B]; key: unused; axis_name: device axis;
       memory: must be None.
+      pos_mask: [B, C] bool positive classes instead of ``labels`` (multi-label: the
+        probability of any of them; margins apply to each).
       centers_per_class: K (also the ``init`` option).
       la: :math:`\lambda`, the scale.
       gamma: :math:`\gamma > 0`, the temperature of the centre softmax.
@@ -542,7 +563,7 @@ def soft_triple(params: Params, embeddings: ArrayLike, labels: ArrayLike,
     del key
     _no_memory(memory, "soft_triple")
     rel.check_positive(gamma, "gamma")
-    x, p, target, valid = _inputs(params, embeddings, labels, centers_per_class)
+    x, p, target, valid = _inputs(params, embeddings, labels, centers_per_class, pos_mask)
     k = centers_per_class
     sim = (x @ p.T).reshape(x.shape[0], -1, k)
     prob = jax.nn.softmax(sim / gamma, axis=2)
