@@ -64,7 +64,8 @@ def summarise(rows: list[dict]) -> list[dict]:
              "collapsed": f"{sum(r['collapsed'] for r in sub)}/{len(sub)}"}
         for k in ("r@1", "map@r", "final_frac_hard", "separation_violation_max"):
             v = np.array([r[k] for r in sub], float)
-            s[k] = f"{v.mean():.3f} ± {v.std():.3f}"
+            # One seed has no spread: the value alone, never a misleading "± 0.000".
+            s[k] = f"{v.mean():.3f} ± {v.std():.3f}" if len(v) > 1 else f"{v[0]:.3f}"
         out.append(s)
     return out
 
@@ -80,7 +81,8 @@ def plot_curves(runs: dict[str, list[list[dict]]], path: str, key: str, ylabel: 
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for obj, seeds in runs.items():
+    colors = plt.get_cmap("tab10").colors
+    for i, (obj, seeds) in enumerate(runs.items()):
         keys = [next((k for k in FRAC_HARD_KEYS if any(k in r for r in rows)), key)
                 if key == "frac_hard" else key for rows in seeds]
         xs = [np.array([r["step"] for r in rows if k in r]) for rows, k in zip(seeds, keys)]
@@ -89,11 +91,16 @@ def plot_curves(runs: dict[str, list[list[dict]]], path: str, key: str, ylabel: 
         if n == 0:
             continue
         y = np.stack([v[:n] for v in ys])
-        ax.plot(xs[0][:n], y.mean(0), label=obj)
-        ax.fill_between(xs[0][:n], y.mean(0) - y.std(0), y.mean(0) + y.std(0), alpha=0.2)
+        # Ten colours, then the same ten dashed: every line is told apart in the legend.
+        style = dict(color=colors[i % 10], linestyle="-" if i < 10 else "--")
+        ax.plot(xs[0][:n], y.mean(0), label=obj, **style)
+        ax.fill_between(xs[0][:n], y.mean(0) - y.std(0), y.mean(0) + y.std(0), alpha=0.2,
+                        color=style["color"])
     ax.set_xlabel("training step")
     ax.set_ylabel(ylabel)
-    ax.set_title(f"{ylabel}\nduring training (mean ± std over seeds)", fontsize=10)
+    num_seeds = max(len(seeds) for seeds in runs.values())
+    spread = "mean ± std over seeds" if num_seeds > 1 else "one seed"
+    ax.set_title(f"{ylabel}\nduring training ({spread})", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7 if len(runs) > 8 else None, ncol=2 if len(runs) > 8 else 1)
     fig.tight_layout()
@@ -134,8 +141,7 @@ def main(argv=None) -> list[dict]:
     with open(os.path.join(args.out, "table.md"), "w") as f:
         f.write(md + "\n")
     plot_curves(curves, os.path.join(args.out, "frac_hard.png"), "frac_hard",
-                "frac_hard (mined negative closer than positive;\n"
-                "frac_hard_ephn for pair / proxy objectives)")
+                "frac_hard (or frac_hard_ephn)")
     plot_curves(curves, os.path.join(args.out, "recall.png"), "eval/recall@1", "test R@1")
     print(md)
     return table
