@@ -333,3 +333,24 @@ def test_every_objective_masks_from_labels_equal_labels(name):
             emb, pos, neg)
     assert np.isfinite(float(want))
     np.testing.assert_allclose(float(got), float(want), rtol=1e-5, atol=1e-6)
+
+
+def test_norm_softmax_multi_hot_mask_matches_reference():
+    """A multi-hot row: -log of the softmax probability of any of its classes (ProxyNCA's
+    rule); a row without positives counts for nothing."""
+    rng = np.random.default_rng(31)
+    emb, w = rng.normal(size=(B, D)), rng.normal(size=(C, D))
+    mask = np.arange(C)[None, :] == (LABELS % C)[:, None]
+    mask[0, 2] = True        # row 0: classes 0 and 2
+    mask[5] = False          # row 5: none
+    t = 0.5
+    with jax.enable_x64(True):
+        loss, aux = jax.jit(lambda e, p, m: objectives.proxy.norm_softmax(
+            {"proxies": p}, e, pos_mask=m, temperature=t))(
+                jnp.asarray(emb), jnp.asarray(w), jnp.asarray(mask))
+    z = np_normalize(emb) @ np_normalize(w).T / t
+    rows = [i for i in range(B) if mask[i].any()]
+    want = np.mean([np.log(np.exp(z[i]).sum()) - np.log(np.exp(z[i][mask[i]]).sum())
+                    for i in rows])
+    np.testing.assert_allclose(float(loss), want, rtol=0, atol=1e-12)
+    assert int(aux["num_valid"]) == len(rows)
