@@ -1,10 +1,18 @@
 """Hard negatives, hard but useful (Xuan et al., ECCV 2020) at laptop scale.
 
-Trains ``ephn``, ``epshn``, ``sct``, ``batch_hard``, ``semihard`` and ``multi_similarity``
-with one budget on the embedded data sets over several seeds and reports R@1, MAP@R, whether
-the run collapsed, and ``frac_hard`` over training, as mean +- std over seeds.
+Trains the official SCT code's objectives (``ephn``, ``epshn``, ``sct``), the hinge recipes
+(``batch_hard``, ``semihard``), ``multi_similarity`` and, with ``--objectives all``, the
+newer families too (proxies: ``proxy_anchor``, ``proxy_nca``, ``norm_softmax``, ``arcface``;
+pairs / lists: ``circle``, ``ntxent``, ``lifted_structure``; ranking: ``smooth_ap``; the margin
+loss with learnable beta: ``margin``), every one with its default options and one budget
+(the same epochs, seeds, batch, model and optimiser; parametric objectives train their
+parameters at the model's learning rate, ``param_lr_mult=1``), on the embedded data sets.
+Reports R@1, MAP@R, whether the run collapsed, and ``frac_hard`` over training (or
+``frac_hard_ephn`` for the pair and proxy objectives, which mine no triplets), as mean +- std
+over seeds.
 
   python experiments/hard_negatives.py --out runs/hard_negatives          # glyphs, 3 seeds
+  python experiments/hard_negatives.py --out runs/hn_all --objectives all --epochs 2 --seeds 1
   python experiments/hard_negatives.py --out runs/hn_digits --dataset digits
 
 Writes ``OUT/table.md``, ``OUT/table.json``, ``OUT/frac_hard.png`` and ``OUT/recall.png``.
@@ -28,6 +36,10 @@ import digits as digits_config  # noqa: E402
 import glyphs as glyphs_config  # noqa: E402
 
 OBJECTIVES = ("ephn", "epshn", "sct", "batch_hard", "semihard", "multi_similarity")
+# The other families (issue 12), compared with --objectives all.
+NEW_OBJECTIVES = ("proxy_anchor", "proxy_nca", "norm_softmax", "arcface", "margin", "circle",
+                  "ntxent", "lifted_structure", "smooth_ap")
+FRAC_HARD_KEYS = ("frac_hard", "frac_hard_ephn")  # triplet objectives / the others
 CONFIGS = {"glyphs": glyphs_config, "digits": digits_config}
 
 
@@ -52,7 +64,8 @@ def summarise(rows: list[dict]) -> list[dict]:
              "collapsed": f"{sum(r['collapsed'] for r in sub)}/{len(sub)}"}
         for k in ("r@1", "map@r", "final_frac_hard", "separation_violation_max"):
             v = np.array([r[k] for r in sub], float)
-            s[k] = f"{v.mean():.3f} ± {v.std():.3f}"
+            # One seed has no spread: the value alone, never a misleading "± 0.000".
+            s[k] = f"{v.mean():.3f} ± {v.std():.3f}" if len(v) > 1 else f"{v[0]:.3f}"
         out.append(s)
     return out
 
@@ -68,20 +81,28 @@ def plot_curves(runs: dict[str, list[list[dict]]], path: str, key: str, ylabel: 
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for obj, seeds in runs.items():
-        xs = [np.array([r["step"] for r in rows if key in r]) for rows in seeds]
-        ys = [np.array([r[key] for r in rows if key in r]) for rows in seeds]
+    colors = plt.get_cmap("tab10").colors
+    for i, (obj, seeds) in enumerate(runs.items()):
+        keys = [next((k for k in FRAC_HARD_KEYS if any(k in r for r in rows)), key)
+                if key == "frac_hard" else key for rows in seeds]
+        xs = [np.array([r["step"] for r in rows if k in r]) for rows, k in zip(seeds, keys)]
+        ys = [np.array([r[k] for r in rows if k in r]) for rows, k in zip(seeds, keys)]
         n = min(len(x) for x in xs)
         if n == 0:
             continue
         y = np.stack([v[:n] for v in ys])
-        ax.plot(xs[0][:n], y.mean(0), label=obj)
-        ax.fill_between(xs[0][:n], y.mean(0) - y.std(0), y.mean(0) + y.std(0), alpha=0.2)
+        # Ten colours, then the same ten dashed: every line is told apart in the legend.
+        style = dict(color=colors[i % 10], linestyle="-" if i < 10 else "--")
+        ax.plot(xs[0][:n], y.mean(0), label=obj, **style)
+        ax.fill_between(xs[0][:n], y.mean(0) - y.std(0), y.mean(0) + y.std(0), alpha=0.2,
+                        color=style["color"])
     ax.set_xlabel("training step")
     ax.set_ylabel(ylabel)
-    ax.set_title(f"{ylabel}\nduring training (mean ± std over seeds)", fontsize=10)
+    num_seeds = max(len(seeds) for seeds in runs.values())
+    spread = "mean ± std over seeds" if num_seeds > 1 else "one seed"
+    ax.set_title(f"{ylabel}\nduring training ({spread})", fontsize=10)
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(fontsize=7 if len(runs) > 8 else None, ncol=2 if len(runs) > 8 else 1)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -94,11 +115,13 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--epochs", type=int, default=6)
     p.add_argument("--dim", type=int, default=64)
-    p.add_argument("--objectives", default=",".join(OBJECTIVES))
+    p.add_argument("--objectives", default=",".join(OBJECTIVES),
+                   help="comma-separated names, or 'all' (the six and NEW_OBJECTIVES)")
     p.add_argument("--tiny", action="store_true", help="a few seconds per run (tests)")
     args = p.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
-    objectives = args.objectives.split(",")
+    objectives = (list(OBJECTIVES + NEW_OBJECTIVES) if args.objectives == "all"
+                  else args.objectives.split(","))
     rows, curves, t0 = [], {}, time.time()
     for obj in objectives:
         for seed in range(args.seeds):
@@ -118,7 +141,7 @@ def main(argv=None) -> list[dict]:
     with open(os.path.join(args.out, "table.md"), "w") as f:
         f.write(md + "\n")
     plot_curves(curves, os.path.join(args.out, "frac_hard.png"), "frac_hard",
-                "frac_hard (mined negative closer than positive)")
+                "frac_hard (or frac_hard_ephn)")
     plot_curves(curves, os.path.join(args.out, "recall.png"), "eval/recall@1", "test R@1")
     print(md)
     return table

@@ -294,7 +294,12 @@ class AllTriplets(NamedTuple):
     num_hard: jax.Array      # [A] int32: triplets with s_an > s_ap
 
 
-def _masks(sim, labels, ref_labels, query_offset):
+def _masks(sim, labels, ref_labels, query_offset, pos_mask=None, neg_mask=None):
+    if pos_mask is not None or neg_mask is not None or labels is None:
+        # Custom relevance (bool [A, M]): the miners' rules and checks; ``sim`` stays live.
+        _, pos_mask, neg_mask = miners._relevance(  # pylint: disable=protected-access
+            sim, labels, ref_labels, query_offset, pos_mask, neg_mask)
+        return jnp.asarray(sim), pos_mask, neg_mask
     sim, labels = jnp.asarray(sim), jnp.asarray(labels)
     ref_labels = labels if ref_labels is None else jnp.asarray(ref_labels)
     _checks.check_sim(sim, labels, ref_labels)
@@ -307,10 +312,11 @@ def _linear_hinge(sim, coef, num_active, margin):
     return jnp.sum(coef * sim, axis=1) + margin * num_active.astype(sim.dtype)
 
 
-def all_triplets_margin_sums(sim: ArrayLike, labels: ArrayLike,
+def all_triplets_margin_sums(sim: ArrayLike, labels: ArrayLike | None = None,
                              ref_labels: ArrayLike | None = None, *,
-                             query_offset: ArrayLike = 0, margin: ArrayLike = 0.2
-                             ) -> AllTriplets:
+                             query_offset: ArrayLike = 0, margin: ArrayLike = 0.2,
+                             pos_mask: ArrayLike | None = None,
+                             neg_mask: ArrayLike | None = None) -> AllTriplets:
     r"""Hinge triplet loss over *every* triplet, summed per anchor, in O(A M) memory.
 
     .. math::
@@ -328,6 +334,8 @@ def all_triplets_margin_sums(sim: ArrayLike, labels: ArrayLike,
       ref_labels: reference labels [M]; defaults to ``labels``.
       query_offset: row of anchor 0 in the reference set (excludes self-pairs).
       margin: m.
+      pos_mask, neg_mask: bool [A, M] relevance instead of labels (as the miners of
+        :mod:`hnm.miners`).
 
     Returns:
       :class:`AllTriplets`.
@@ -341,7 +349,8 @@ def all_triplets_margin_sums(sim: ArrayLike, labels: ArrayLike,
       >>> [round(v, 4) for v in at.loss_sum.tolist()], at.num_active.tolist()
       ([0.35, 0.0, 0.0], [1, 0, 0])
     """
-    sim, pos_mask, neg_mask = _masks(sim, labels, ref_labels, query_offset)
+    sim, pos_mask, neg_mask = _masks(sim, labels, ref_labels, query_offset, pos_mask,
+                                     neg_mask)
     stop = jax.lax.stop_gradient(sim)  # which triplets are active is not differentiated
 
     def count(carry, sel, pos_idx, found):
@@ -374,10 +383,11 @@ class SemihardTriplets(NamedTuple):
     sum_sim_an: jax.Array  # [A] float, stopped: sum of the chosen s_an over the pairs
 
 
-def semihard_margin_sums(sim: ArrayLike, labels: ArrayLike,
+def semihard_margin_sums(sim: ArrayLike, labels: ArrayLike | None = None,
                          ref_labels: ArrayLike | None = None, *,
-                         query_offset: ArrayLike = 0, margin: ArrayLike = 0.2
-                         ) -> SemihardTriplets:
+                         query_offset: ArrayLike = 0, margin: ArrayLike = 0.2,
+                         pos_mask: ArrayLike | None = None,
+                         neg_mask: ArrayLike | None = None) -> SemihardTriplets:
     r"""Hinge loss of every anchor-positive pair with its semi-hard negative, per anchor.
 
     .. math:: L_a = \sum_{p} \max(0,\; s_{a n(a,p)} - s_{ap} + m)
@@ -392,6 +402,8 @@ def semihard_margin_sums(sim: ArrayLike, labels: ArrayLike,
       ref_labels: reference labels [M]; defaults to ``labels``.
       query_offset: row of anchor 0 in the reference set (excludes self-pairs).
       margin: m.
+      pos_mask, neg_mask: bool [A, M] relevance instead of labels (as the miners of
+        :mod:`hnm.miners`).
 
     Returns:
       :class:`SemihardTriplets`.
@@ -405,7 +417,8 @@ def semihard_margin_sums(sim: ArrayLike, labels: ArrayLike,
       >>> [round(v, 4) for v in st.loss_sum.tolist()], st.num_pairs.tolist()
       ([0.35, 0.0, 0.0], [1, 1, 0])
     """
-    sim, pos_mask, neg_mask = _masks(sim, labels, ref_labels, query_offset)
+    sim, pos_mask, neg_mask = _masks(sim, labels, ref_labels, query_offset, pos_mask,
+                                     neg_mask)
     stop = jax.lax.stop_gradient(sim)  # the choice of negatives is not differentiated
     far_idx, far_value, has_neg = miners.least_similar(stop, neg_mask)
     cols = jnp.arange(sim.shape[1], dtype=jnp.int32)

@@ -10,6 +10,14 @@ Miners *choose*; they never differentiate the choice. Each one looks at
 ``jax.lax.stop_gradient(sim)`` and returns integer indices, so gradients flow only through
 :func:`gather_sims` (or through a recomputation of the chosen similarities) on the live matrix.
 
+**Custom relevance.** Every miner also accepts, instead of ``labels`` / ``ref_labels``,
+explicit ``pos_mask`` / ``neg_mask`` (bool [A, M], the shape of ``sim``), so that multi-label
+data and hierarchies work. Both masks must be given, and labels then must not be (a
+``ValueError`` names the conflict: the two relevances could disagree). The self-pair (column
+``i + query_offset`` of row ``i``) is removed from ``pos_mask`` whatever the caller passes, and
+an entry in both masks is a positive only. Integer labels stay the simple path
+(:func:`hnm.distances.label_masks` builds the same masks from them).
+
 Padding rows (``valid == False``) hold in-range indices (the ``argmax`` of an all-masked row is
 0), so gathers never go out of bounds; their values are garbage and must be masked.
 
@@ -49,9 +57,13 @@ class Triplets(NamedTuple):
     valid: jax.Array     # bool; False rows are padding and must not count
 
 
-def _prepare(sim: ArrayLike, labels: ArrayLike, ref_labels: ArrayLike | None,
-             query_offset: ArrayLike) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Checks the arguments; returns the stopped similarity and the (pos, neg) masks."""
+def _prepare(sim: ArrayLike, labels: ArrayLike | None, ref_labels: ArrayLike | None,
+             query_offset: ArrayLike, pos_mask: ArrayLike | None = None,
+             neg_mask: ArrayLike | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Checks the arguments; returns the stopped similarity and the (pos, neg) masks, from
+    labels or from the caller's masks (:func:`_relevance`)."""
+    if pos_mask is not None or neg_mask is not None or labels is None:
+        return _relevance(sim, labels, ref_labels, query_offset, pos_mask, neg_mask)
     sim = jnp.asarray(sim)
     labels = jnp.asarray(labels)
     ref_labels = labels if ref_labels is None else jnp.asarray(ref_labels)
@@ -79,8 +91,10 @@ def _anchors(sim: jax.Array) -> jax.Array:
     return jnp.arange(sim.shape[0], dtype=jnp.int32)
 
 
-def mine_hardest(sim: ArrayLike, labels: ArrayLike, ref_labels: ArrayLike | None = None, *,
-                 query_offset: ArrayLike = 0) -> Triplets:
+def mine_hardest(sim: ArrayLike, labels: ArrayLike | None = None,
+                 ref_labels: ArrayLike | None = None, *, query_offset: ArrayLike = 0,
+                 pos_mask: ArrayLike | None = None,
+                 neg_mask: ArrayLike | None = None) -> Triplets:
     r"""Batch-hard mining: the least similar positive and the most similar negative.
 
     .. math::
@@ -94,6 +108,8 @@ def mine_hardest(sim: ArrayLike, labels: ArrayLike, ref_labels: ArrayLike | None
       labels: integer labels of the anchors, [A].
       ref_labels: integer labels of the reference rows, [M]; defaults to ``labels``.
       query_offset: row of anchor 0 in the reference set (excludes self-pairs).
+      pos_mask, neg_mask: bool [A, M] relevance instead of ``labels`` / ``ref_labels``
+        (both or neither; see the module docstring).
 
     Returns:
       :class:`Triplets` with fields of shape [A]; ``valid`` is false for anchors without a
@@ -111,7 +127,8 @@ def mine_hardest(sim: ArrayLike, labels: ArrayLike, ref_labels: ArrayLike | None
     References:
       Hermans, Beyer, Leibe. In Defense of the Triplet Loss. arXiv 1703.07737, 2017.
     """
-    sim, pos_mask, neg_mask = _prepare(sim, labels, ref_labels, query_offset)
+    sim, pos_mask, neg_mask = _prepare(sim, labels, ref_labels, query_offset, pos_mask,
+                                       neg_mask)
     pos, _, has_pos = _masked_argmax(-sim, pos_mask)
     neg, _, has_neg = _masked_argmax(sim, neg_mask)
     return Triplets(_anchors(sim), pos, neg, has_pos & has_neg)
@@ -124,9 +141,9 @@ def _easy_positive(sim: jax.Array, pos_mask: jax.Array, duplicate_threshold: flo
 
 
 def mine_easy_positive_hard_negative(
-        sim: ArrayLike, labels: ArrayLike, ref_labels: ArrayLike | None = None, *,
-        query_offset: ArrayLike = 0,
-        duplicate_threshold: float = DUPLICATE_THRESHOLD) -> Triplets:
+        sim: ArrayLike, labels: ArrayLike | None = None, ref_labels: ArrayLike | None = None,
+        *, query_offset: ArrayLike = 0, duplicate_threshold: float = DUPLICATE_THRESHOLD,
+        pos_mask: ArrayLike | None = None, neg_mask: ArrayLike | None = None) -> Triplets:
     r"""Easy-positive / hard-negative mining (EPHN, the official SCT code).
 
     .. math::
@@ -144,6 +161,8 @@ def mine_easy_positive_hard_negative(
       ref_labels: integer labels of the reference rows, [M]; defaults to ``labels``.
       query_offset: row of anchor 0 in the reference set (excludes self-pairs).
       duplicate_threshold: :math:`\tau`; positives more similar than this are ignored.
+      pos_mask, neg_mask: bool [A, M] relevance instead of ``labels`` / ``ref_labels``
+        (both or neither; see the module docstring).
 
     Returns:
       :class:`Triplets` with fields of shape [A]; ``valid`` is false for anchors without an
@@ -164,16 +183,17 @@ def mine_easy_positive_hard_negative(
     References:
       Xuan, Stylianou, Liu, Pless. Hard Negative Examples are Hard, but Useful. ECCV 2020.
     """
-    sim, pos_mask, neg_mask = _prepare(sim, labels, ref_labels, query_offset)
+    sim, pos_mask, neg_mask = _prepare(sim, labels, ref_labels, query_offset, pos_mask,
+                                       neg_mask)
     pos, _, has_pos = _easy_positive(sim, pos_mask, duplicate_threshold)
     neg, _, has_neg = _masked_argmax(sim, neg_mask)
     return Triplets(_anchors(sim), pos, neg, has_pos & has_neg)
 
 
 def mine_easy_positive_semihard_negative(
-        sim: ArrayLike, labels: ArrayLike, ref_labels: ArrayLike | None = None, *,
-        query_offset: ArrayLike = 0,
-        duplicate_threshold: float = DUPLICATE_THRESHOLD) -> Triplets:
+        sim: ArrayLike, labels: ArrayLike | None = None, ref_labels: ArrayLike | None = None,
+        *, query_offset: ArrayLike = 0, duplicate_threshold: float = DUPLICATE_THRESHOLD,
+        pos_mask: ArrayLike | None = None, neg_mask: ArrayLike | None = None) -> Triplets:
     r"""Easy-positive / semi-hard-negative mining (EPSHN, the official ``shn`` setting).
 
     The positive is chosen as in :func:`mine_easy_positive_hard_negative`; the negative is the
@@ -191,6 +211,8 @@ def mine_easy_positive_semihard_negative(
       ref_labels: integer labels of the reference rows, [M]; defaults to ``labels``.
       query_offset: row of anchor 0 in the reference set (excludes self-pairs).
       duplicate_threshold: positives more similar than this are ignored.
+      pos_mask, neg_mask: bool [A, M] relevance instead of ``labels`` / ``ref_labels``
+        (both or neither; see the module docstring).
 
     Returns:
       :class:`Triplets` with fields of shape [A].
@@ -208,7 +230,8 @@ def mine_easy_positive_semihard_negative(
     References:
       Xuan, Stylianou, Liu, Pless. Hard Negative Examples are Hard, but Useful. ECCV 2020.
     """
-    sim, pos_mask, neg_mask = _prepare(sim, labels, ref_labels, query_offset)
+    sim, pos_mask, neg_mask = _prepare(sim, labels, ref_labels, query_offset, pos_mask,
+                                       neg_mask)
     # A row without a positive has sim_ap = -inf, hence no semi-hard candidate either.
     pos, sim_ap, has_pos = _easy_positive(sim, pos_mask, duplicate_threshold)
     neg, _, has_neg = _masked_argmax(sim, neg_mask & (sim <= sim_ap[:, None]))
@@ -284,8 +307,10 @@ def least_similar(sim: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array
     return idx, -neg_value, found
 
 
-def mine_semihard(sim: ArrayLike, labels: ArrayLike, ref_labels: ArrayLike | None = None, *,
-                  query_offset: ArrayLike = 0) -> Triplets:
+def mine_semihard(sim: ArrayLike, labels: ArrayLike | None = None,
+                  ref_labels: ArrayLike | None = None, *, query_offset: ArrayLike = 0,
+                  pos_mask: ArrayLike | None = None,
+                  neg_mask: ArrayLike | None = None) -> Triplets:
     r"""Semi-hard negatives for *every* anchor-positive pair (TensorFlow Addons semantics).
 
     For each pair (a, p) the negative is the most similar one that is strictly less similar
@@ -306,6 +331,8 @@ def mine_semihard(sim: ArrayLike, labels: ArrayLike, ref_labels: ArrayLike | Non
       labels: integer labels of the anchors, [A].
       ref_labels: integer labels of the reference rows, [M]; defaults to ``labels``.
       query_offset: row of anchor 0 in the reference set (excludes self-pairs).
+      pos_mask, neg_mask: bool [A, M] relevance instead of ``labels`` / ``ref_labels``
+        (both or neither; see the module docstring).
 
     Returns:
       :class:`Triplets` with fields of shape [A, M]: entry (a, j) is the triplet with
@@ -329,7 +356,8 @@ def mine_semihard(sim: ArrayLike, labels: ArrayLike, ref_labels: ArrayLike | Non
       Schroff, Kalenichenko, Philbin. FaceNet. CVPR 2015;
       TensorFlow Addons ``tfa.losses.TripletSemiHardLoss``.
     """
-    sim, pos_mask, neg_mask = _prepare(sim, labels, ref_labels, query_offset)
+    sim, pos_mask, neg_mask = _prepare(sim, labels, ref_labels, query_offset, pos_mask,
+                                       neg_mask)
     far_idx, far_value, has_neg = least_similar(sim, neg_mask)
 
     def choose(negative, sel, pos_idx, _):
@@ -365,10 +393,11 @@ def gather_sims(sim: ArrayLike, t: Triplets) -> tuple[jax.Array, jax.Array]:
 
 
 # ------------------------------------------------------------------ pair mining
-def mine_multi_similarity(sim: ArrayLike, labels: ArrayLike,
+def mine_multi_similarity(sim: ArrayLike, labels: ArrayLike | None = None,
                           ref_labels: ArrayLike | None = None, *,
-                          query_offset: ArrayLike = 0,
-                          epsilon: ArrayLike = 0.1) -> tuple[jax.Array, jax.Array]:
+                          query_offset: ArrayLike = 0, epsilon: ArrayLike = 0.1,
+                          pos_mask: ArrayLike | None = None,
+                          neg_mask: ArrayLike | None = None) -> tuple[jax.Array, jax.Array]:
     r"""Multi-similarity pair mining (Wang et al.), as PML's ``MultiSimilarityMiner``.
 
     On a stopped-gradient similarity, a positive pair is kept when it is less similar than
@@ -386,6 +415,8 @@ def mine_multi_similarity(sim: ArrayLike, labels: ArrayLike,
       ref_labels: [M] reference labels; defaults to ``labels``.
       query_offset: row of anchor 0 in the reference set (removes self-pairs).
       epsilon: :math:`\epsilon`, in similarity units.
+      pos_mask, neg_mask: bool [A, M] relevance instead of ``labels`` / ``ref_labels``
+        (both or neither; see the module docstring).
 
     Returns:
       ``(pos_keep, neg_keep)``: bool [A, M] masks of the mined pairs.
@@ -394,11 +425,9 @@ def mine_multi_similarity(sim: ArrayLike, labels: ArrayLike,
       Wang, Han, Huang, Dong, Scott. Multi-Similarity Loss with General Pair Weighting for
       Deep Metric Learning. CVPR 2019.
     """
-    sim, labels = jnp.asarray(sim), jnp.asarray(labels)
-    ref_labels = labels if ref_labels is None else jnp.asarray(ref_labels)
-    _checks.check_sim(sim, labels, ref_labels)
-    pos_mask, neg_mask = label_masks(labels, ref_labels, query_offset=query_offset)
-    sim = jax.lax.stop_gradient(sim)  # choosing pairs is not differentiated
+    # Stopped: choosing pairs is not differentiated.
+    sim, pos_mask, neg_mask = _prepare(sim, labels, ref_labels, query_offset, pos_mask,
+                                       neg_mask)
     max_neg = jnp.max(jnp.where(neg_mask, sim, -jnp.inf), axis=1, keepdims=True)
     min_pos = jnp.min(jnp.where(pos_mask, sim, jnp.inf), axis=1, keepdims=True)
     pos_keep = pos_mask & (sim - epsilon < max_neg)
@@ -496,10 +525,12 @@ def sample_distance_weighted(key: jax.Array, log_weights: ArrayLike, *,
     return neg_idx.astype(jnp.int32), has_neg
 
 
-def mine_distance_weighted(key: jax.Array, dist: ArrayLike, labels: ArrayLike,
+def mine_distance_weighted(key: jax.Array, dist: ArrayLike, labels: ArrayLike | None = None,
                            ref_labels: ArrayLike | None = None, *, dim: int,
                            query_offset: ArrayLike = 0, cutoff: ArrayLike = 0.5,
-                           nonzero_loss_cutoff: ArrayLike = 1.4) -> Triplets:
+                           nonzero_loss_cutoff: ArrayLike = 1.4,
+                           pos_mask: ArrayLike | None = None,
+                           neg_mask: ArrayLike | None = None) -> Triplets:
     r"""Every (anchor, positive) pair with one distance-weighted sampled negative.
 
     Combines :func:`distance_weighted_log_weights` and :func:`sample_distance_weighted`:
@@ -516,6 +547,8 @@ def mine_distance_weighted(key: jax.Array, dist: ArrayLike, labels: ArrayLike,
       query_offset: row of anchor 0 in the reference set (removes self-pairs; seeds rows).
       cutoff: lower clip of the distance in the weights.
       nonzero_loss_cutoff: negatives this far or farther are never sampled.
+      pos_mask, neg_mask: bool [A, M] relevance instead of ``labels`` / ``ref_labels``
+        (both or neither; see the module docstring).
 
     Returns:
       :class:`Triplets` with [A, M] fields.
@@ -524,10 +557,9 @@ def mine_distance_weighted(key: jax.Array, dist: ArrayLike, labels: ArrayLike,
       Wu, Manmatha, Smola, Krähenbühl. Sampling Matters in Deep Embedding Learning.
       ICCV 2017.
     """
-    dist, labels = jnp.asarray(dist), jnp.asarray(labels)
-    ref_labels = labels if ref_labels is None else jnp.asarray(ref_labels)
-    _checks.check_sim(dist, labels, ref_labels)
-    pos_mask, neg_mask = label_masks(labels, ref_labels, query_offset=query_offset)
+    # A distance, not a similarity, but the masks do not care (stopped: no gradient).
+    dist, pos_mask, neg_mask = _prepare(dist, labels, ref_labels, query_offset, pos_mask,
+                                        neg_mask)
     log_w = distance_weighted_log_weights(dist, neg_mask, dim=dim, cutoff=cutoff,
                                           nonzero_loss_cutoff=nonzero_loss_cutoff)
     negative, has_neg = sample_distance_weighted(key, log_w, query_offset=query_offset)
@@ -547,15 +579,21 @@ def _relevance(sim: ArrayLike, labels: ArrayLike | None, ref_labels: ArrayLike |
                query_offset: ArrayLike, pos_mask: ArrayLike | None,
                neg_mask: ArrayLike | None) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Stopped ``sim`` and ``(pos, neg)`` [A, M]: from labels, or the caller's bool masks
-    (multi-label / hierarchies; the self-pair ``i + query_offset`` is removed from ``pos``)."""
+    (multi-label / hierarchies; see the module docstring: the self-pair ``i + query_offset``
+    is removed from ``pos``, ``neg`` loses what ``pos`` keeps, labels and masks exclude each
+    other)."""
     if pos_mask is None and neg_mask is None:
         if labels is None:
             raise ValueError("`labels` is required unless `pos_mask` and `neg_mask` are given.")
         return _prepare(sim, labels, ref_labels, query_offset)
     if pos_mask is None or neg_mask is None:
         raise ValueError("pass both `pos_mask` and `neg_mask`, or neither.")
+    if labels is not None or ref_labels is not None:
+        raise ValueError("pass either `labels` (and `ref_labels`) or `pos_mask` / `neg_mask`, "
+                         "not both.")
     sim = jnp.asarray(sim)
     _checks.check_floating_matrix(sim, "sim")
+    _checks.check_nonempty(sim, "sim", ("A (rows)", "M (columns)"))
     masks = []
     for mask, name in ((pos_mask, "pos_mask"), (neg_mask, "neg_mask")):
         mask = jnp.asarray(mask)

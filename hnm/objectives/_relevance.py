@@ -5,8 +5,13 @@ r"""Shared pieces of the proxy, pair-list and ranking objectives (``proxy``, ``t
 ``labels``, explicit ``pos_mask`` / ``neg_mask`` (bool [B, M], this device's rows against the
 reference set: the ``all_gather`` of every device's rows, then the memory rows), so that
 multi-label data and hierarchies work. The self-pair (column ``query_offset + i`` of row
-``i``) is removed from ``pos_mask`` whatever the caller passes. Integer labels stay the
-simple path: :func:`hnm.distances.label_masks`.
+``i``) is removed from ``pos_mask`` whatever the caller passes, and an entry in both masks is
+a positive only (``neg_mask & ~pos_mask``). Labels and masks exclude each other (a
+``ValueError`` when both are given, as the two relevances could disagree), except for the
+margin loss, whose labels only pick each anchor's β. With a cross-batch memory the masks cover
+its columns too (after the gathered batch); an empty slot is whatever the caller's masks say
+(make its columns false in both). Integer labels stay the simple path:
+:func:`hnm.distances.label_masks`.
 """
 from __future__ import annotations
 
@@ -18,9 +23,11 @@ from jax.typing import ArrayLike
 
 from hnm import _checks
 from hnm import distances
-from hnm.objectives._common import check_positive, masked_sum, ratio  # noqa: F401
+from hnm.objectives import _common
 
 Aux = dict[str, jax.Array]
+# Re-exported for the objectives built on this module.
+check_positive, masked_sum, ratio = _common.check_positive, _common.masked_sum, _common.ratio
 
 
 class Pairs(NamedTuple):
@@ -58,10 +65,11 @@ def self_mask(num_rows: int, num_cols: int, query_offset: ArrayLike) -> jax.Arra
 
 def pairs(embeddings: ArrayLike, labels: ArrayLike | None, *, normalize: bool,
           axis_name: str | None, memory: Any = None, pos_mask: ArrayLike | None = None,
-          neg_mask: ArrayLike | None = None) -> Pairs:
+          neg_mask: ArrayLike | None = None, labels_with_masks: bool = False) -> Pairs:
     """Checks the inputs and builds the (global, memory-extended) reference set and masks.
 
-    Either ``labels`` [B] or both ``pos_mask`` and ``neg_mask`` [B, M] must be given.
+    Either ``labels`` [B] or both ``pos_mask`` and ``neg_mask`` [B, M] must be given, not
+    both (unless ``labels_with_masks``: the caller uses the labels for something else).
     """
     if labels is not None:   # values first, before asarray can wrap an int64 label
         _checks.check_label_values(labels, "labels", reserved=distances.MASKED_LABEL)
@@ -71,6 +79,8 @@ def pairs(embeddings: ArrayLike, labels: ArrayLike | None, *, normalize: bool,
     if (pos_mask is None) != (neg_mask is None):
         raise ValueError("pass both `pos_mask` and `neg_mask`, or neither.")
     custom = pos_mask is not None
+    if custom and labels is not None and not labels_with_masks:
+        raise ValueError("pass either `labels` or `pos_mask` / `neg_mask`, not both.")
     if labels is None and not custom:
         raise ValueError("`labels` is required unless `pos_mask` and `neg_mask` are given.")
     if custom and labels is None:

@@ -46,6 +46,14 @@ counter-based, so the first draws of a longer row are the draws of the shorter o
   pairs the objective considered (all pairs; the mined pairs for ``multi_similarity``; the
   pairs of the valid triplets for ``distance_weighted``). 0 when there is none.
 
+**Custom relevance.** Instead of ``labels``, every objective here accepts explicit
+``pos_mask`` / ``neg_mask`` (bool [B, M], this device's rows against the reference set: the
+``all_gather`` of every device's rows, then the memory rows), for multi-label data and
+hierarchies, with the rules of :mod:`hnm.objectives._relevance`: both masks or neither, not
+together with ``labels``, the self-pair removed from ``pos_mask``, an entry in both masks a
+positive only, the memory's columns whatever the masks say. Masks derived from labels give
+the labels' result.
+
 Memory is O(B M): one [B, M] similarity matrix and masks of that shape, never [B, M, M].
 """
 from __future__ import annotations
@@ -59,14 +67,30 @@ from hnm import distances
 from hnm import miners
 from hnm.memory import Memory
 from hnm.objectives import _common
+from hnm.objectives import _relevance
 
 DW_LOSSES = ("margin", "triplet")
 Aux = _common.Aux
 
 
+def _inputs(embeddings, labels, normalize, axis_name, memory, pos_mask, neg_mask):
+    """``(x, ref, pos_mask, neg_mask)``: checked (normalised) rows, the reference set and the
+    relevance masks, from ``labels`` or the caller's masks (then ``ref.labels`` is None)."""
+    if labels is None or pos_mask is not None or neg_mask is not None:
+        pr = _relevance.pairs(embeddings, labels, normalize=normalize, axis_name=axis_name,
+                              memory=memory, pos_mask=pos_mask, neg_mask=neg_mask)
+        return (pr.emb, distances.ReferenceSet(pr.ref, None, pr.query_offset), pr.pos_mask,
+                pr.neg_mask)
+    x, labels, ref = _common.prepare(embeddings, labels, normalize, axis_name, memory)
+    pos, neg = distances.label_masks(labels, ref.labels, query_offset=ref.query_offset)
+    return x, ref, pos, neg
+
+
 # ------------------------------------------------------------------------- contrastive
-def contrastive(embeddings: ArrayLike, labels: ArrayLike, key: jax.Array | None = None, *,
-                axis_name: str | None = None, memory: Memory | None = None,
+def contrastive(embeddings: ArrayLike, labels: ArrayLike | None = None,
+                key: jax.Array | None = None, *, axis_name: str | None = None,
+                memory: Memory | None = None, pos_mask: ArrayLike | None = None,
+                neg_mask: ArrayLike | None = None,
                 pos_margin: ArrayLike = 0.0,
                 neg_margin: ArrayLike = 1.0, distance: str = "euclidean",
                 normalize: bool = True) -> tuple[jax.Array, Aux]:
@@ -88,10 +112,12 @@ def contrastive(embeddings: ArrayLike, labels: ArrayLike, key: jax.Array | None 
 
     Args:
       embeddings: [B, D] floating embeddings (this device's rows).
-      labels: [B] integer labels.
+      labels: [B] integer labels, or None with ``pos_mask`` / ``neg_mask``.
       key: unused (deterministic objective); accepted for a uniform signature.
       axis_name: pmap / shard_map axis to mine across devices; None for one device.
       memory: a cross-batch memory whose rows join the candidates (not the anchors).
+      pos_mask, neg_mask: bool [B, M] relevance instead of ``labels`` (module
+        docstring).
       pos_margin: :math:`m_+`, in the units of ``distance``.
       neg_margin: :math:`m_-`, in the units of ``distance``.
       distance: a name of :data:`hnm.distances.SIMILARITIES`.
@@ -116,10 +142,9 @@ def contrastive(embeddings: ArrayLike, labels: ArrayLike, key: jax.Array | None 
     """
     del key
     entry = distances.similarity(distance, "distance")
-    x, labels, ref = _common.prepare(embeddings, labels, normalize, axis_name, memory)
+    x, ref, pos_mask, neg_mask = _inputs(embeddings, labels, normalize, axis_name, memory,
+                                         pos_mask, neg_mask)
     sim = entry.matrix(x, ref.embeddings)
-    pos_mask, neg_mask = distances.label_masks(labels, ref.labels,
-                                               query_offset=ref.query_offset)
     if entry.negated_distance:
         dist = -sim
         pos_loss = jax.nn.relu(dist - pos_margin)
@@ -141,8 +166,10 @@ def contrastive(embeddings: ArrayLike, labels: ArrayLike, key: jax.Array | None 
 
 
 # -------------------------------------------------------------------- multi-similarity
-def multi_similarity(embeddings: ArrayLike, labels: ArrayLike, key: jax.Array | None = None,
-                     *, axis_name: str | None = None, memory: Memory | None = None,
+def multi_similarity(embeddings: ArrayLike, labels: ArrayLike | None = None,
+                     key: jax.Array | None = None, *, axis_name: str | None = None,
+                     memory: Memory | None = None, pos_mask: ArrayLike | None = None,
+                     neg_mask: ArrayLike | None = None,
                      alpha: ArrayLike = 2.0,
                      beta: ArrayLike = 50.0, base: ArrayLike = 0.5,
                      epsilon: ArrayLike = 0.1) -> tuple[jax.Array, Aux]:
@@ -163,10 +190,12 @@ def multi_similarity(embeddings: ArrayLike, labels: ArrayLike, key: jax.Array | 
 
     Args:
       embeddings: [B, D] floating embeddings (this device's rows).
-      labels: [B] integer labels.
+      labels: [B] integer labels, or None with ``pos_mask`` / ``neg_mask``.
       key: unused (deterministic objective).
       axis_name: pmap / shard_map axis to mine across devices; None for one device.
       memory: a cross-batch memory whose rows join the candidates (not the anchors).
+      pos_mask, neg_mask: bool [B, M] relevance instead of ``labels`` (module
+        docstring).
       alpha: :math:`\alpha > 0`, the positive scale.
       beta: :math:`\beta > 0`, the negative scale.
       base: :math:`\lambda`, the similarity offset.
@@ -185,12 +214,12 @@ def multi_similarity(embeddings: ArrayLike, labels: ArrayLike, key: jax.Array | 
     del key
     _common.check_positive(alpha, "alpha")
     _common.check_positive(beta, "beta")
-    x, labels, ref = _common.prepare(embeddings, labels, True, axis_name, memory)
+    x, ref, pos_mask, neg_mask = _inputs(embeddings, labels, True, axis_name, memory,
+                                         pos_mask, neg_mask)
     sim = distances.dot_similarity(x, ref.embeddings)
-    pos_mask, neg_mask = distances.label_masks(labels, ref.labels,
-                                               query_offset=ref.query_offset)
-    pos_keep, neg_keep = miners.mine_multi_similarity(sim, labels, ref.labels,
-                                               query_offset=ref.query_offset, epsilon=epsilon)
+    pos_keep, neg_keep = miners.mine_multi_similarity(
+        sim, query_offset=ref.query_offset, epsilon=epsilon, pos_mask=pos_mask,
+        neg_mask=neg_mask)
     num_pos, num_neg = jnp.sum(pos_keep), jnp.sum(neg_keep)
     global_pos, global_neg = distances.global_sum(jnp.stack([num_pos, num_neg]), axis_name)
     # PML's GenericPairLoss returns zero when every index tensor has length <= 1.
@@ -199,7 +228,7 @@ def multi_similarity(embeddings: ArrayLike, labels: ArrayLike, key: jax.Array | 
     pos_term = _common.masked_logsumexp(-alpha * (sim - base), pos_keep, add_one=True) / alpha
     neg_term = _common.masked_logsumexp(beta * (sim - base), neg_keep, add_one=True) / beta
     total = jnp.where(enough, jnp.sum(pos_term + neg_term), 0.0)
-    loss = distances.global_mean_of(total, labels.shape[0], axis_name)
+    loss = distances.global_mean_of(total, x.shape[0], axis_name)
 
     cos = jax.lax.stop_gradient(sim)
     num_mined = jnp.where(enough, num_pos + num_neg, 0)
@@ -212,8 +241,10 @@ def multi_similarity(embeddings: ArrayLike, labels: ArrayLike, key: jax.Array | 
 
 
 # ---------------------------------------------------------------------------- SupCon
-def supcon(embeddings: ArrayLike, labels: ArrayLike, key: jax.Array | None = None, *,
-           axis_name: str | None = None, memory: Memory | None = None,
+def supcon(embeddings: ArrayLike, labels: ArrayLike | None = None,
+           key: jax.Array | None = None, *, axis_name: str | None = None,
+           memory: Memory | None = None, pos_mask: ArrayLike | None = None,
+           neg_mask: ArrayLike | None = None,
            temperature: ArrayLike = 0.1) -> tuple[jax.Array, Aux]:
     r"""Supervised contrastive loss (Khosla et al.), as PML's ``SupConLoss``.
 
@@ -232,10 +263,12 @@ def supcon(embeddings: ArrayLike, labels: ArrayLike, key: jax.Array | None = Non
 
     Args:
       embeddings: [B, D] floating embeddings (this device's rows).
-      labels: [B] integer labels.
+      labels: [B] integer labels, or None with ``pos_mask`` / ``neg_mask``.
       key: unused (deterministic objective).
       axis_name: pmap / shard_map axis to mine across devices; None for one device.
       memory: a cross-batch memory whose rows join the candidates (not the anchors).
+      pos_mask, neg_mask: bool [B, M] relevance instead of ``labels`` (module
+        docstring).
       temperature: :math:`\tau > 0`.
 
     Returns:
@@ -249,14 +282,15 @@ def supcon(embeddings: ArrayLike, labels: ArrayLike, key: jax.Array | None = Non
     """
     del key
     _common.check_positive(temperature, "temperature")
-    x, labels, ref = _common.prepare(embeddings, labels, True, axis_name, memory)
+    x, ref, pos_mask, neg_mask = _inputs(embeddings, labels, True, axis_name, memory,
+                                         pos_mask, neg_mask)
     sim = distances.dot_similarity(x, ref.embeddings)
-    pos_mask, neg_mask = distances.label_masks(labels, ref.labels,
-                                               query_offset=ref.query_offset)
     logits = sim / temperature
     shift_from = logits
-    if memory is not None:  # empty memory slots must not move the shift (exact no-op memory)
-        usable = (ref.labels != distances.MASKED_LABEL)[None, :]
+    if memory is not None or ref.labels is None:
+        # Columns in neither mask (empty memory slots) must not move the shift (an exact
+        # no-op memory); with labels that leaves every column but those.
+        usable = pos_mask | neg_mask | _relevance.self_mask(*sim.shape, ref.query_offset)
         shift_from = jnp.where(usable, logits, -jnp.inf)
     # stop_gradient: PML detaches the row max; the shift cancels in log_prob anyway.
     logits = logits - jax.lax.stop_gradient(jnp.max(shift_from, axis=1, keepdims=True))
@@ -282,8 +316,10 @@ def supcon(embeddings: ArrayLike, labels: ArrayLike, key: jax.Array | None = Non
 
 
 # ------------------------------------------------------------ distance-weighted sampling
-def distance_weighted(embeddings: ArrayLike, labels: ArrayLike, key: jax.Array | None = None,
-                      *, axis_name: str | None = None, memory: Memory | None = None,
+def distance_weighted(embeddings: ArrayLike, labels: ArrayLike | None = None,
+                      key: jax.Array | None = None, *, axis_name: str | None = None,
+                      memory: Memory | None = None, pos_mask: ArrayLike | None = None,
+                      neg_mask: ArrayLike | None = None,
                       cutoff: ArrayLike = 0.5,
                       nonzero_loss_cutoff: ArrayLike = 1.4, margin: ArrayLike = 0.2,
                       beta: ArrayLike = 1.2, loss: str = "margin") -> tuple[jax.Array, Aux]:
@@ -308,12 +344,14 @@ def distance_weighted(embeddings: ArrayLike, labels: ArrayLike, key: jax.Array |
 
     Args:
       embeddings: [B, D] floating embeddings (this device's rows).
-      labels: [B] integer labels.
+      labels: [B] integer labels, or None with ``pos_mask`` / ``neg_mask``.
       key: PRNG key for the sampling (required). With ``axis_name`` pass the same key on
         every device: the draws depend on the global anchor row only (see
         :func:`hnm.miners.sample_distance_weighted`), so sharding does not change them.
       axis_name: pmap / shard_map axis to mine across devices; None for one device.
       memory: a cross-batch memory whose rows join the candidates (not the anchors).
+      pos_mask, neg_mask: bool [B, M] relevance instead of ``labels`` (module
+        docstring).
       cutoff: lower clip of the distance in the sampling weights.
       nonzero_loss_cutoff: negatives this far or farther are never sampled.
       margin: :math:`m`.
@@ -338,14 +376,14 @@ def distance_weighted(embeddings: ArrayLike, labels: ArrayLike, key: jax.Array |
         raise ValueError(f"unknown `loss`={loss!r}; expected one of {DW_LOSSES}.")
     _common.check_positive(cutoff, "cutoff")
     _common.check_positive(nonzero_loss_cutoff, "nonzero_loss_cutoff")
-    x, labels, ref = _common.prepare(embeddings, labels, True, axis_name, memory)
+    x, ref, pos_mask, neg_mask = _inputs(embeddings, labels, True, axis_name, memory,
+                                         pos_mask, neg_mask)
     dist2 = distances.euclidean_distance(x, ref.embeddings, squared=True)
     dist = distances.safe_sqrt(dist2)
-    pos_mask, neg_mask = distances.label_masks(labels, ref.labels,
-                                               query_offset=ref.query_offset)
-    t = miners.mine_distance_weighted(key, dist, labels, ref.labels, dim=x.shape[1],
-                               query_offset=ref.query_offset, cutoff=cutoff,
-                               nonzero_loss_cutoff=nonzero_loss_cutoff)
+    t = miners.mine_distance_weighted(key, dist, dim=x.shape[1],
+                                      query_offset=ref.query_offset, cutoff=cutoff,
+                                      nonzero_loss_cutoff=nonzero_loss_cutoff,
+                                      pos_mask=pos_mask, neg_mask=neg_mask)
     valid = t.valid
     d_ap, d_an = miners.gather_sims(dist, t)   # distances here, not similarities
     if loss == "margin":

@@ -20,9 +20,13 @@ Proxies start as random unit vectors; every loss here uses only their direction 
 so their norm only sets the effective learning rate.
 
 **Labels** are class indices in ``[0, C)``; a row whose label is outside (e.g. padding with
-``hnm.distances.MASKED_LABEL``) counts for nothing. ``proxy_nca`` and ``proxy_anchor`` also
-accept an explicit relevance ``pos_mask`` [B, C] (bool, multi-label: a row may have several
-positive proxies) instead of labels.
+``hnm.distances.MASKED_LABEL``) counts for nothing. Every proxy objective also accepts an
+explicit relevance ``pos_mask`` [B, C] (bool, multi-label: a row may have several positive
+classes; a row with none counts for nothing) instead of labels, not both; the softmax losses
+then take ``-log`` of the probability of any positive class (ProxyNCA's rule; the same as the
+label for a one-hot row) and apply their margin to each positive. ``margin`` takes
+``pos_mask`` / ``neg_mask`` [B, M] against its reference set like the pair objectives, and
+its labels still pick each anchor's β.
 
 **Cross-device** (``axis_name``): the per-sample losses (all but ``proxy_anchor``) return
 local sum / global count; ``proxy_anchor``, whose per-proxy log-sum-exps run over the whole
@@ -35,6 +39,13 @@ the pair objectives.
 **Memory**: ``margin`` appends the cross-batch memory rows to its candidates like the pair
 objectives; the proxy losses have no reference set (the proxies are the memory) and raise a
 ValueError when given one.
+
+**Non-finite input gives a non-finite loss**, as for every objective: if any embedding row
+of any device (``axis_name``: a ``psum`` of the count), any proxy, or for ``margin`` any
+memory row or β, holds NaN or inf, ``loss`` and ``aux["loss"]`` are NaN on every device, even
+where the row would be masked out (a label outside ``[0, C)``, a ``pos_mask`` row without
+positives), so a trainer that checks the loss stops instead of applying a NaN gradient (the
+other aux values are then meaningless).
 
 **aux** (global, no gradient): ``loss``, ``num_valid`` (rows that counted; triplets for
 ``margin``), ``mean_sim_ap`` (cosine to the own proxy), ``mean_sim_an`` (to the other
@@ -186,9 +197,11 @@ def _proxy_aux(loss: jax.Array, cos: jax.Array, target: jax.Array, valid: jax.Ar
 
 
 def _cross_entropy(logits: jax.Array, target: jax.Array) -> jax.Array:
-    """Per-row softmax cross-entropy with a one-hot bool target [B, C]."""
+    """Per-row softmax cross-entropy with a bool target [B, C]: ``-log`` of the probability
+    of the target classes (one-hot: of the label; multi-hot ``pos_mask``: of any of them,
+    as ProxyNCA). For a one-hot row the log-sum-exp of the one logit is that logit exactly."""
     log_z = jax.nn.logsumexp(logits, axis=1)
-    return log_z - jnp.sum(jnp.where(target, logits, 0.0), axis=1)
+    return log_z - rel.masked_logsumexp(logits, target)
 
 
 def _mean_share(per_row: jax.Array, valid: jax.Array, axis_name: str | None) -> jax.Array:
@@ -196,9 +209,29 @@ def _mean_share(per_row: jax.Array, valid: jax.Array, axis_name: str | None) -> 
     return distances.global_mean_of(rel.masked_sum(per_row, valid), jnp.sum(valid), axis_name)
 
 
-def _softmax_objective(per_row, cos, target, valid, axis_name, extra=0.0):
+def _finish(loss: jax.Array, aux: Aux, x: jax.Array, p: jax.Array,
+            axis_name: str | None) -> tuple[jax.Array, Aux]:
+    """``(loss, aux)`` with ``loss`` and ``aux["loss"]`` NaN on every device when any
+    embedding row of any device, or any proxy, is non-finite.
+
+    A proxy loss has no gathered reference set, and a non-finite row whose label is out of
+    range (or, with ``pos_mask``, without positives) is masked out of the sum: without this
+    the loss would stay finite (on the other devices always) while the gradient is NaN, and
+    a trainer that watches the loss would apply the update. The poison is a stopped
+    constant: the gradient is the one computed, never changed.
+    """
+    bad = jnp.sum(~jnp.isfinite(x)) + jnp.sum(~jnp.isfinite(p))
+    bad = distances.global_sum(jax.lax.stop_gradient(bad).astype(jnp.float32), axis_name)
+    # all_finite: the flag typed replicated under shard_map (a psum over what still varies).
+    finite = distances.all_finite(jnp.where(bad > 0, jnp.nan, 0.0))
+    poison = jax.lax.stop_gradient(jnp.where(finite, 0.0, jnp.nan)).astype(loss.dtype)
+    return loss + poison, dict(aux, loss=aux["loss"] + poison.astype(aux["loss"].dtype))
+
+
+def _softmax_objective(per_row, cos, target, valid, axis_name, extra=0.0, *, rows):
     loss = _mean_share(per_row, valid, axis_name) + extra
-    return loss, _proxy_aux(loss, cos, target, valid, per_row, axis_name)
+    return _finish(loss, _proxy_aux(loss, cos, target, valid, per_row, axis_name), *rows,
+                   axis_name)
 
 
 # ----------------------------------------------------------------------- ProxyNCA
@@ -246,7 +279,7 @@ def proxy_nca(params: Params, embeddings: ArrayLike, labels: ArrayLike | None = 
     log_z = jax.nn.logsumexp(logits, axis=1)
     log_pos = rel.masked_logsumexp(logits, target)
     per_row = jnp.where(valid, log_z - log_pos, 0.0)
-    return _softmax_objective(per_row, x @ p.T, target, valid, axis_name)
+    return _softmax_objective(per_row, x @ p.T, target, valid, axis_name, rows=(x, p))
 
 
 # --------------------------------------------------------------------- Proxy-Anchor
@@ -310,13 +343,15 @@ def proxy_anchor(params: Params, embeddings: ArrayLike, labels: ArrayLike | None
     share = loss / rel.num_devices(axis_name)
     # aux on the local rows (its psum restores the global counts), loss is the global one.
     per_row = local_valid.astype(cos.dtype)
-    return share, _proxy_aux(share, local_cos, local_target, local_valid, per_row, axis_name)
+    return _finish(share, _proxy_aux(share, local_cos, local_target, local_valid, per_row,
+                                     axis_name), x, p, axis_name)
 
 
 # --------------------------------------------------------------- NormSoftmax etc.
-def norm_softmax(params: Params, embeddings: ArrayLike, labels: ArrayLike,
+def norm_softmax(params: Params, embeddings: ArrayLike, labels: ArrayLike | None = None,
                  key: jax.Array | None = None, *, axis_name: str | None = None,
-                 memory: Any = None, temperature: ArrayLike = 0.05) -> tuple[jax.Array, Aux]:
+                 memory: Any = None, pos_mask: ArrayLike | None = None,
+                 temperature: ArrayLike = 0.05) -> tuple[jax.Array, Aux]:
     r"""Normalised softmax (NormSoftmax, Zhai & Wu 2019): cross-entropy on cosines / T.
 
     .. math::
@@ -329,6 +364,8 @@ def norm_softmax(params: Params, embeddings: ArrayLike, labels: ArrayLike,
       params: ``{"proxies": [C, D]}``.
       embeddings: [B, D]; labels: [B] class indices; key: unused; axis_name: device axis;
       memory: must be None.
+      pos_mask: [B, C] bool positive classes instead of ``labels`` (multi-label: the
+        probability of any of them; margins apply to each).
       temperature: :math:`T > 0` (0.05, as the paper and PML).
 
     Returns:
@@ -340,10 +377,10 @@ def norm_softmax(params: Params, embeddings: ArrayLike, labels: ArrayLike,
     del key
     _no_memory(memory, "norm_softmax")
     rel.check_positive(temperature, "temperature")
-    x, p, target, valid = _inputs(params, embeddings, labels, 1)
+    x, p, target, valid = _inputs(params, embeddings, labels, 1, pos_mask)
     cos = x @ p.T
     per_row = jnp.where(valid, _cross_entropy(cos / temperature, target), 0.0)
-    return _softmax_objective(per_row, cos, target, valid, axis_name)
+    return _softmax_objective(per_row, cos, target, valid, axis_name, rows=(x, p))
 
 
 def _sine(cos: jax.Array) -> jax.Array:
@@ -360,15 +397,16 @@ def _arc_margin(cos: jax.Array, margin: ArrayLike) -> jax.Array:
     return jnp.where(cos >= -cos_m, plus, cos - margin * sin_m)
 
 
-def _margin_softmax(cos, target, valid, target_logit, scale, axis_name, extra=0.0):
+def _margin_softmax(cos, target, valid, target_logit, scale, axis_name, extra=0.0, *, rows):
     logits = scale * jnp.where(target, target_logit, cos)
     per_row = jnp.where(valid, _cross_entropy(logits, target), 0.0)
-    return _softmax_objective(per_row, cos, target, valid, axis_name, extra)
+    return _softmax_objective(per_row, cos, target, valid, axis_name, extra, rows=rows)
 
 
-def arcface(params: Params, embeddings: ArrayLike, labels: ArrayLike,
+def arcface(params: Params, embeddings: ArrayLike, labels: ArrayLike | None = None,
             key: jax.Array | None = None, *, axis_name: str | None = None,
-            memory: Any = None, margin: ArrayLike = 0.5,
+            memory: Any = None, pos_mask: ArrayLike | None = None,
+            margin: ArrayLike = 0.5,
             scale: ArrayLike = 64.0) -> tuple[jax.Array, Aux]:
     r"""ArcFace (additive angular margin): cross-entropy on :math:`s\cos(\theta_{y} + m)`.
 
@@ -387,6 +425,8 @@ def arcface(params: Params, embeddings: ArrayLike, labels: ArrayLike,
       params: ``{"proxies": [C, D]}``.
       embeddings: [B, D]; labels: [B] class indices; key: unused; axis_name: device axis;
       memory: must be None.
+      pos_mask: [B, C] bool positive classes instead of ``labels`` (multi-label: the
+        probability of any of them; margins apply to each).
       margin: m in radians.
       scale: s.
 
@@ -400,14 +440,16 @@ def arcface(params: Params, embeddings: ArrayLike, labels: ArrayLike,
     del key
     _no_memory(memory, "arcface")
     check_arc_margin(margin)
-    x, p, target, valid = _inputs(params, embeddings, labels, 1)
+    x, p, target, valid = _inputs(params, embeddings, labels, 1, pos_mask)
     cos = x @ p.T
-    return _margin_softmax(cos, target, valid, _arc_margin(cos, margin), scale, axis_name)
+    return _margin_softmax(cos, target, valid, _arc_margin(cos, margin), scale, axis_name,
+                           rows=(x, p))
 
 
-def cosface(params: Params, embeddings: ArrayLike, labels: ArrayLike,
+def cosface(params: Params, embeddings: ArrayLike, labels: ArrayLike | None = None,
             key: jax.Array | None = None, *, axis_name: str | None = None,
-            memory: Any = None, margin: ArrayLike = 0.35,
+            memory: Any = None, pos_mask: ArrayLike | None = None,
+            margin: ArrayLike = 0.35,
             scale: ArrayLike = 64.0) -> tuple[jax.Array, Aux]:
     r"""CosFace (large margin cosine loss): cross-entropy on :math:`s(\cos\theta_y - m)`.
 
@@ -421,6 +463,8 @@ def cosface(params: Params, embeddings: ArrayLike, labels: ArrayLike,
       params: ``{"proxies": [C, D]}``.
       embeddings: [B, D]; labels: [B]; key: unused; axis_name: device axis;
       memory: must be None.
+      pos_mask: [B, C] bool positive classes instead of ``labels`` (multi-label: the
+        probability of any of them; margins apply to each).
       margin: m.
       scale: s.
 
@@ -432,14 +476,15 @@ def cosface(params: Params, embeddings: ArrayLike, labels: ArrayLike,
     """
     del key
     _no_memory(memory, "cosface")
-    x, p, target, valid = _inputs(params, embeddings, labels, 1)
+    x, p, target, valid = _inputs(params, embeddings, labels, 1, pos_mask)
     cos = x @ p.T
-    return _margin_softmax(cos, target, valid, cos - margin, scale, axis_name)
+    return _margin_softmax(cos, target, valid, cos - margin, scale, axis_name, rows=(x, p))
 
 
-def sub_center_arcface(params: Params, embeddings: ArrayLike, labels: ArrayLike,
+def sub_center_arcface(params: Params, embeddings: ArrayLike, labels: ArrayLike | None = None,
                        key: jax.Array | None = None, *, axis_name: str | None = None,
-                       memory: Any = None, margin: ArrayLike = 0.5, scale: ArrayLike = 64.0,
+                       memory: Any = None, pos_mask: ArrayLike | None = None,
+                       margin: ArrayLike = 0.5, scale: ArrayLike = 64.0,
                        sub_centers: int = 3) -> tuple[jax.Array, Aux]:
     r"""Sub-center ArcFace: ArcFace on the most similar of K sub-centres per class.
 
@@ -454,6 +499,8 @@ def sub_center_arcface(params: Params, embeddings: ArrayLike, labels: ArrayLike,
       params: ``{"proxies": [C·K, D]}``.
       embeddings: [B, D]; labels: [B]; key: unused; axis_name: device axis;
       memory: must be None.
+      pos_mask: [B, C] bool positive classes instead of ``labels`` (multi-label: the
+        probability of any of them; margins apply to each).
       margin: m in radians.
       scale: s.
       sub_centers: K (also the ``init`` option).
@@ -467,14 +514,16 @@ def sub_center_arcface(params: Params, embeddings: ArrayLike, labels: ArrayLike,
     del key
     _no_memory(memory, "sub_center_arcface")
     check_arc_margin(margin)
-    x, p, target, valid = _inputs(params, embeddings, labels, sub_centers)
+    x, p, target, valid = _inputs(params, embeddings, labels, sub_centers, pos_mask)
     cos = jnp.max((x @ p.T).reshape(x.shape[0], -1, sub_centers), axis=2)
-    return _margin_softmax(cos, target, valid, _arc_margin(cos, margin), scale, axis_name)
+    return _margin_softmax(cos, target, valid, _arc_margin(cos, margin), scale, axis_name,
+                           rows=(x, p))
 
 
-def soft_triple(params: Params, embeddings: ArrayLike, labels: ArrayLike,
+def soft_triple(params: Params, embeddings: ArrayLike, labels: ArrayLike | None = None,
                 key: jax.Array | None = None, *, axis_name: str | None = None,
-                memory: Any = None, centers_per_class: int = 10, la: ArrayLike = 20.0,
+                memory: Any = None, pos_mask: ArrayLike | None = None,
+                centers_per_class: int = 10, la: ArrayLike = 20.0,
                 gamma: ArrayLike = 0.1, margin: ArrayLike = 0.01,
                 tau: ArrayLike = 0.0) -> tuple[jax.Array, Aux]:
     r"""SoftTriple loss (Qian et al. 2019): a soft max over K centres per class.
@@ -496,6 +545,8 @@ def soft_triple(params: Params, embeddings: ArrayLike, labels: ArrayLike,
       params: ``{"proxies": [C·K, D]}`` class-major.
       embeddings: [B, D]; labels: [B]; key: unused; axis_name: device axis;
       memory: must be None.
+      pos_mask: [B, C] bool positive classes instead of ``labels`` (multi-label: the
+        probability of any of them; margins apply to each).
       centers_per_class: K (also the ``init`` option).
       la: :math:`\lambda`, the scale.
       gamma: :math:`\gamma > 0`, the temperature of the centre softmax.
@@ -512,7 +563,7 @@ def soft_triple(params: Params, embeddings: ArrayLike, labels: ArrayLike,
     del key
     _no_memory(memory, "soft_triple")
     rel.check_positive(gamma, "gamma")
-    x, p, target, valid = _inputs(params, embeddings, labels, centers_per_class)
+    x, p, target, valid = _inputs(params, embeddings, labels, centers_per_class, pos_mask)
     k = centers_per_class
     sim = (x @ p.T).reshape(x.shape[0], -1, k)
     prob = jax.nn.softmax(sim / gamma, axis=2)
@@ -528,7 +579,8 @@ def soft_triple(params: Params, embeddings: ArrayLike, labels: ArrayLike,
         extra = tau * reg / rel.num_devices(axis_name)
     logits = la * (sim_class - margin * target)
     per_row = jnp.where(valid, _cross_entropy(logits, target), 0.0)
-    return _softmax_objective(per_row, sim_class, target, valid, axis_name, extra)
+    return _softmax_objective(per_row, sim_class, target, valid, axis_name, extra,
+                              rows=(x, p))
 
 
 # ---------------------------------------------------------------- margin loss (β)
@@ -575,7 +627,7 @@ def margin(params: Params, embeddings: ArrayLike, labels: ArrayLike | None = Non
     if labels is None:
         raise ValueError("`labels` is required by 'margin' (they index `params['beta']`).")
     pr = rel.pairs(embeddings, labels, normalize=True, axis_name=axis_name, memory=memory,
-                   pos_mask=pos_mask, neg_mask=neg_mask)
+                   pos_mask=pos_mask, neg_mask=neg_mask, labels_with_masks=True)
     labels = jnp.asarray(labels)
     in_range = (labels >= 0) & (labels < beta.shape[0])
     beta_a = beta[jnp.clip(labels, 0, beta.shape[0] - 1)].astype(pr.emb.dtype)[:, None]
@@ -594,9 +646,12 @@ def margin(params: Params, embeddings: ArrayLike, labels: ArrayLike | None = Non
     # PML: no triplet at all gives 0 (its divisor would be 0 too).
     share = distances.global_mean_of(total, divisor, axis_name)
     cos = pr.emb @ pr.ref.T
-    return share, rel.pair_aux(share, cos, pos, neg, num_valid=num_triplets,
-                               num_active=divisor, num_units=2 * num_triplets,
-                               axis_name=axis_name)
+    # rel.finish: NaN when any gathered or memory row is non-finite; non-finite beta too.
+    share = share + jax.lax.stop_gradient(
+        jnp.where(jnp.all(jnp.isfinite(beta)), 0.0, jnp.nan)).astype(share.dtype)
+    aux = rel.pair_aux(share, cos, pos, neg, num_valid=num_triplets, num_active=divisor,
+                       num_units=2 * num_triplets, axis_name=axis_name)
+    return rel.finish(share, aux, pr)
 
 
 # ------------------------------------------------------------------------ registry

@@ -21,12 +21,24 @@ peak temporary memory is O(A x block + M x D) whatever the memory size M. An int
 that many reference rows per tile. Loss and gradient equal the dense ones
 (``tests/test_streaming.py``).
 
+**Custom relevance** (all six): instead of ``labels``, explicit ``pos_mask`` / ``neg_mask``
+(bool [B, M], this device's rows against the reference set: the ``all_gather`` of every
+device's rows, then the memory rows), for multi-label data and hierarchies, with the rules
+of :mod:`hnm.objectives._relevance`: both masks or neither, not together with ``labels``, the
+self-pair removed from ``pos_mask``, an entry in both masks a positive only; the memory's
+columns are whatever the masks say. Masks derived from labels give the labels' result. With
+masks the objectives take the **dense** path (the mining rules of :mod:`hnm.miners` and
+:func:`hnm.losses.semihard_margin_sums` / :func:`hnm.losses.all_triplets_margin_sums` on the
+B x M matrix, O(B M) memory): ``block_size`` is ignored and nothing is streamed.
+
 References:
   Xuan, Stylianou, Liu, Pless. Hard Negative Examples are Hard, but Useful. ECCV 2020.
   Hermans, Beyer, Leibe. In Defense of the Triplet Loss. 2017.
   Schroff, Kalenichenko, Philbin. FaceNet. CVPR 2015.
 """
 from __future__ import annotations
+
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -39,6 +51,7 @@ from hnm import miners
 from hnm import streaming
 from hnm.memory import Memory
 from hnm.objectives import _common
+from hnm.objectives import _relevance
 
 REDUCTIONS = ("mean", "avg_nonzero")
 NORMALIZATIONS = ("joint", "separate")
@@ -71,6 +84,108 @@ def _block(block_size):
     return None if block_size == 0 else block_size
 
 
+# ---------------------------------------------------------------------------------------------
+# Custom relevance (pos_mask / neg_mask): the dense path.
+
+
+def _custom(labels, pos_mask, neg_mask) -> bool:
+    """Whether the call gives relevance masks (or no labels: then the masks are required,
+    and :func:`hnm.objectives._relevance.pairs` says so)."""
+    return labels is None or pos_mask is not None or neg_mask is not None
+
+
+class _Dense:
+    """The concatenated reference rows of the dense path, with the two methods of
+    :class:`hnm.streaming.Reference` the objectives use."""
+
+    def __init__(self, pr: _relevance.Pairs):
+        self.pairs = pr
+
+    def rows(self, cols: jax.Array) -> jax.Array:
+        return self.pairs.ref[cols]
+
+    def all_finite(self) -> jax.Array:
+        return distances.all_finite(self.pairs.ref)
+
+
+class _Mined(NamedTuple):
+    """One triplet per anchor (stopped), the fields of ``streaming.PerAnchor``."""
+    positive: jax.Array
+    negative: jax.Array
+    sim_ap: jax.Array   # mining values (cosine, or -d^2 for the Euclidean kinds)
+    sim_an: jax.Array
+    valid: jax.Array
+
+
+_RULE_MINERS = {"hardest": miners.mine_hardest,
+                "easy_hard": miners.mine_easy_positive_hard_negative,
+                "easy_semihard": miners.mine_easy_positive_semihard_negative}
+
+
+def _masked_pairs(embeddings, labels, normalize, axis_name, memory, pos_mask, neg_mask):
+    pr = _relevance.pairs(embeddings, labels, normalize=normalize, axis_name=axis_name,
+                          memory=memory, pos_mask=pos_mask, neg_mask=neg_mask)
+    return pr.emb, _Dense(pr)
+
+
+def _mine_masked(embeddings, labels, normalize, axis_name, memory, pos_mask, neg_mask, rule,
+                 distance, duplicate_threshold=miners.DUPLICATE_THRESHOLD):
+    """``(emb, ref, mined)`` of a per-anchor rule on the dense stopped mining matrix with
+    the caller's masks (the dense miners of :mod:`hnm.miners`, first index on ties, as
+    :func:`hnm.streaming.mine_per_anchor` with labels)."""
+    emb, ref = _masked_pairs(embeddings, labels, normalize, axis_name, memory, pos_mask,
+                             neg_mask)
+    pr = ref.pairs
+    m = _common.mining_matrix(emb, pr.ref, distance)
+    kw = {} if rule == "hardest" else dict(duplicate_threshold=duplicate_threshold)
+    t = _RULE_MINERS[rule](m, query_offset=pr.query_offset, pos_mask=pr.pos_mask,
+                           neg_mask=pr.neg_mask, **kw)
+    def value(idx):
+        return jnp.take_along_axis(m, idx[:, None], axis=1)[:, 0]
+    return emb, ref, _Mined(t.positive, t.negative, value(t.positive), value(t.negative),
+                            t.valid)
+
+
+class _Sums(NamedTuple):
+    """Global sums of semihard / batch_all, the fields of ``streaming.HingeSums``."""
+    loss_sum: jax.Array
+    num: jax.Array
+    num_active: jax.Array
+    num_hard: jax.Array
+    sum_ap: jax.Array
+    sum_an: jax.Array
+
+
+def _dense_hinge_sums(kind, embeddings, labels, normalize, axis_name, memory, pos_mask,
+                      neg_mask, margin, distance):
+    """``(sums, ref)`` of ``semihard`` / ``batch_all`` with the caller's masks, from
+    :func:`hnm.losses.semihard_margin_sums` / ``all_triplets_margin_sums`` on the live
+    B x M similarity matrix."""
+    emb, ref = _masked_pairs(embeddings, labels, normalize, axis_name, memory, pos_mask,
+                             neg_mask)
+    pr = ref.pairs
+    sim = _common.similarity_matrix(emb, pr.ref, distance)
+    kw = dict(query_offset=pr.query_offset, margin=margin, pos_mask=pr.pos_mask,
+              neg_mask=pr.neg_mask)
+    i32 = jnp.int32
+    if kind == "semihard":
+        st = losses.semihard_margin_sums(sim, **kw)
+        return _Sums(jnp.sum(st.loss_sum), jnp.sum(st.num_pairs, dtype=i32),
+                     jnp.sum(st.num_active, dtype=i32), jnp.sum(st.num_hard, dtype=i32),
+                     jnp.sum(st.sum_sim_ap), jnp.sum(st.sum_sim_an)), ref
+    at = losses.all_triplets_margin_sums(sim, **kw)
+    stop = jax.lax.stop_gradient(sim)
+    pos, neg = pr.pos_mask, pr.neg_mask
+    npos = jnp.sum(pos, axis=1).astype(sim.dtype)
+    nneg = jnp.sum(neg, axis=1).astype(sim.dtype)
+    # Over every triplet: s_ap repeats once per negative, s_an once per positive.
+    sum_ap = jnp.sum(nneg * jnp.sum(jnp.where(pos, stop, 0.0), axis=1))
+    sum_an = jnp.sum(npos * jnp.sum(jnp.where(neg, stop, 0.0), axis=1))
+    return _Sums(jnp.sum(at.loss_sum), jnp.sum(at.num_triplets, dtype=i32),
+                 jnp.sum(at.num_active, dtype=i32), jnp.sum(at.num_hard, dtype=i32),
+                 sum_ap, sum_an), ref
+
+
 def _chosen_similarities(emb, ref, mined, distance):
     """Live similarities of the chosen pairs from gathered rows (O(A D) backward)."""
     rowwise = _common.kernel(distance).rowwise
@@ -78,7 +193,7 @@ def _chosen_similarities(emb, ref, mined, distance):
 
 
 def _official_triplets(embeddings, labels, axis_name, rule, duplicate_threshold,
-                       memory=None, block_size=0):
+                       memory=None, block_size=0, pos_mask=None, neg_mask=None):
     """Mining and S_ap / S_an exactly as ``littleredxh/HardNegative`` ``_code/Loss.py``.
 
     x / max(||x||, 1e-12); stopped cosines for the choice (self-pairs excluded), the rule of
@@ -89,10 +204,14 @@ def _official_triplets(embeddings, labels, axis_name, rule, duplicate_threshold,
     code marks "none found" with -1, so a chosen cosine of exactly -1, or a negative
     duplicate at 1, also invalidates the anchor).
     """
-    emb, labels, ref = _prepare(embeddings, labels, True, axis_name, memory)
-    mined = streaming.mine_per_anchor(emb, labels, ref, rule, distance="cosine",
-                                      duplicate_threshold=duplicate_threshold,
-                                      block_size=_block(block_size))
+    if _custom(labels, pos_mask, neg_mask):
+        emb, ref, mined = _mine_masked(embeddings, labels, True, axis_name, memory, pos_mask,
+                                       neg_mask, rule, "cosine", duplicate_threshold)
+    else:
+        emb, labels, ref = _prepare(embeddings, labels, True, axis_name, memory)
+        mined = streaming.mine_per_anchor(emb, labels, ref, rule, distance="cosine",
+                                          duplicate_threshold=duplicate_threshold,
+                                          block_size=_block(block_size))
     inside = ((jnp.abs(mined.sim_ap) < VALID_SIM_BOUND)
               & (jnp.abs(mined.sim_an) < VALID_SIM_BOUND))
     valid = mined.valid & inside
@@ -101,17 +220,20 @@ def _official_triplets(embeddings, labels, axis_name, rule, duplicate_threshold,
 
 
 def _soft_objective(embeddings, labels, axis_name, rule, temperature, duplicate_threshold,
-                    memory, block_size):
+                    memory, block_size, pos_mask, neg_mask):
     sim_ap, sim_an, valid, ref = _official_triplets(embeddings, labels, axis_name, rule,
-                                                    duplicate_threshold, memory, block_size)
+                                                    duplicate_threshold, memory, block_size,
+                                                    pos_mask, neg_mask)
     per_triplet = losses.soft_triplet_loss(sim_ap, sim_an, temperature=temperature)
     loss = _common.reduce(per_triplet, valid, "mean", axis_name)
     return _finish(loss, _common.triplet_aux(sim_ap, sim_an, per_triplet, valid, loss,
                                                     axis_name), ref)
 
 
-def ephn(embeddings: ArrayLike, labels: ArrayLike, key: jax.Array | None = None, *,
-         axis_name: str | None = None, memory: Memory | None = None,
+def ephn(embeddings: ArrayLike, labels: ArrayLike | None = None,
+         key: jax.Array | None = None, *, axis_name: str | None = None,
+         memory: Memory | None = None, pos_mask: ArrayLike | None = None,
+         neg_mask: ArrayLike | None = None,
          temperature: ArrayLike = losses.TEMPERATURE,
          duplicate_threshold: float = miners.DUPLICATE_THRESHOLD,
          block_size: int = 0) -> tuple[jax.Array, Aux]:
@@ -128,10 +250,12 @@ def ephn(embeddings: ArrayLike, labels: ArrayLike, key: jax.Array | None = None,
 
     Args:
       embeddings: [B, D] floating (local rows when ``axis_name`` is set).
-      labels: [B] integer.
+      labels: [B] integer, or None with ``pos_mask`` / ``neg_mask``.
       key: unused (deterministic); accepted for a uniform objective signature.
       axis_name: mine across devices over this ``pmap``/``shard_map`` axis.
       memory: a cross-batch memory (:mod:`hnm.memory`) whose rows join the candidates.
+      pos_mask, neg_mask: bool [B, M] relevance instead of ``labels`` (module
+        docstring; the dense path, ``block_size`` ignored).
       temperature: T.
       duplicate_threshold: positives with cosine above this are skipped.
       block_size: reference rows per tile; 0 picks it (:mod:`hnm.streaming`).
@@ -160,11 +284,13 @@ def ephn(embeddings: ArrayLike, labels: ArrayLike, key: jax.Array | None = None,
     del key
     return _soft_objective(embeddings, labels, axis_name,
                            "easy_hard", temperature, duplicate_threshold, memory,
-                           block_size)
+                           block_size, pos_mask, neg_mask)
 
 
-def epshn(embeddings: ArrayLike, labels: ArrayLike, key: jax.Array | None = None, *,
-          axis_name: str | None = None, memory: Memory | None = None,
+def epshn(embeddings: ArrayLike, labels: ArrayLike | None = None,
+          key: jax.Array | None = None, *, axis_name: str | None = None,
+          memory: Memory | None = None, pos_mask: ArrayLike | None = None,
+          neg_mask: ArrayLike | None = None,
           temperature: ArrayLike = losses.TEMPERATURE,
           duplicate_threshold: float = miners.DUPLICATE_THRESHOLD,
          block_size: int = 0) -> tuple[jax.Array, Aux]:
@@ -180,10 +306,12 @@ def epshn(embeddings: ArrayLike, labels: ArrayLike, key: jax.Array | None = None
 
     Args:
       embeddings: [B, D] floating.
-      labels: [B] integer.
+      labels: [B] integer, or None with ``pos_mask`` / ``neg_mask``.
       key: unused.
       axis_name: mine across devices over this axis.
       memory: a cross-batch memory whose rows join the candidates (not the anchors).
+      pos_mask, neg_mask: bool [B, M] relevance instead of ``labels`` (module
+        docstring; the dense path, ``block_size`` ignored).
       temperature: T.
       duplicate_threshold: positives with cosine above this are skipped.
       block_size: reference rows per tile; 0 picks it (:mod:`hnm.streaming`).
@@ -200,11 +328,13 @@ def epshn(embeddings: ArrayLike, labels: ArrayLike, key: jax.Array | None = None
     del key
     return _soft_objective(embeddings, labels, axis_name,
                            "easy_semihard", temperature, duplicate_threshold, memory,
-                           block_size)
+                           block_size, pos_mask, neg_mask)
 
 
-def sct(embeddings: ArrayLike, labels: ArrayLike, key: jax.Array | None = None, *,
-        axis_name: str | None = None, memory: Memory | None = None,
+def sct(embeddings: ArrayLike, labels: ArrayLike | None = None,
+        key: jax.Array | None = None, *, axis_name: str | None = None,
+        memory: Memory | None = None, pos_mask: ArrayLike | None = None,
+        neg_mask: ArrayLike | None = None,
         temperature: ArrayLike = losses.TEMPERATURE, hard_weight: ArrayLike = 1.0,
         hard_threshold: ArrayLike = losses.HARD_THRESHOLD, hard_rule: str = "or",
         normalization: str = "joint",
@@ -239,11 +369,13 @@ def sct(embeddings: ArrayLike, labels: ArrayLike, key: jax.Array | None = None, 
 
     Args:
       embeddings: [B, D] floating.
-      labels: [B] integer.
+      labels: [B] integer, or None with ``pos_mask`` / ``neg_mask``.
       key: unused.
       axis_name: mine across devices over this axis; the joint divisor is then the global
         :math:`|E| + |H|`.
       memory: a cross-batch memory whose rows join the candidates (not the anchors).
+      pos_mask, neg_mask: bool [B, M] relevance instead of ``labels`` (module
+        docstring; the dense path, ``block_size`` ignored).
       temperature: T of the easy term.
       hard_weight: :math:`\lambda`.
       hard_threshold: t of the hard rule.
@@ -265,7 +397,8 @@ def sct(embeddings: ArrayLike, labels: ArrayLike, key: jax.Array | None = None, 
     _checks.check_choice(hard_rule, "hard_rule", losses.HARD_RULES)
     _checks.check_choice(normalization, "normalization", NORMALIZATIONS)
     sim_ap, sim_an, valid, ref = _official_triplets(
-        embeddings, labels, axis_name, "easy_hard", duplicate_threshold, memory, block_size)
+        embeddings, labels, axis_name, "easy_hard", duplicate_threshold, memory, block_size,
+        pos_mask, neg_mask)
     easy, hard = losses.sct_masks(sim_ap, sim_an, hard_threshold=hard_threshold,
                                   hard_rule=hard_rule)
     easy, hard = easy & valid, hard & valid
@@ -297,8 +430,10 @@ def _check_metric_options(distance: str, reduction: str | None = None) -> None:
         _checks.check_choice(reduction, "reduction", REDUCTIONS)
 
 
-def batch_hard(embeddings: ArrayLike, labels: ArrayLike, key: jax.Array | None = None, *,
-               axis_name: str | None = None, memory: Memory | None = None,
+def batch_hard(embeddings: ArrayLike, labels: ArrayLike | None = None,
+               key: jax.Array | None = None, *, axis_name: str | None = None,
+               memory: Memory | None = None, pos_mask: ArrayLike | None = None,
+               neg_mask: ArrayLike | None = None,
                margin: ArrayLike = 0.2, distance: str = "euclidean", normalize: bool = True,
                soft: bool = False, reduction: str = "mean",
                block_size: int = 0) -> tuple[jax.Array, Aux]:
@@ -318,10 +453,12 @@ def batch_hard(embeddings: ArrayLike, labels: ArrayLike, key: jax.Array | None =
 
     Args:
       embeddings: [B, D] floating.
-      labels: [B] integer.
+      labels: [B] integer, or None with ``pos_mask`` / ``neg_mask``.
       key: unused.
       axis_name: mine across devices over this axis.
       memory: a cross-batch memory whose rows join the candidates (not the anchors).
+      pos_mask, neg_mask: bool [B, M] relevance instead of ``labels`` (module
+        docstring; the dense path, ``block_size`` ignored).
       margin: m, in units of the chosen distance.
       distance: a name of :data:`hnm.distances.SIMILARITIES`: ``"euclidean"``, ``"cosine"``
         (always on normalised rows), ``"squared_euclidean"`` or ``"dot"``.
@@ -341,11 +478,16 @@ def batch_hard(embeddings: ArrayLike, labels: ArrayLike, key: jax.Array | None =
     """
     del key
     _check_metric_options(distance, reduction)
-    emb, labels, ref = _prepare(embeddings, labels, _normalizes(distance, normalize),
-                                axis_name, memory)
-    # Stopped tiles for the choice; the loss recomputes only the chosen pairs.
-    mined = streaming.mine_per_anchor(emb, labels, ref, "hardest", distance=distance,
-                                      block_size=_block(block_size))
+    if _custom(labels, pos_mask, neg_mask):
+        emb, ref, mined = _mine_masked(embeddings, labels, _normalizes(distance, normalize),
+                                       axis_name, memory, pos_mask, neg_mask, "hardest",
+                                       distance)
+    else:
+        emb, labels, ref = _prepare(embeddings, labels, _normalizes(distance, normalize),
+                                    axis_name, memory)
+        # Stopped tiles for the choice; the loss recomputes only the chosen pairs.
+        mined = streaming.mine_per_anchor(emb, labels, ref, "hardest", distance=distance,
+                                          block_size=_block(block_size))
     sim_ap, sim_an = _chosen_similarities(emb, ref, mined, distance)
     t = mined
     if soft:
@@ -357,8 +499,10 @@ def batch_hard(embeddings: ArrayLike, labels: ArrayLike, key: jax.Array | None =
         loss, _common.triplet_aux(sim_ap, sim_an, per_triplet, t.valid, loss, axis_name), ref)
 
 
-def semihard(embeddings: ArrayLike, labels: ArrayLike, key: jax.Array | None = None, *,
-             axis_name: str | None = None, memory: Memory | None = None,
+def semihard(embeddings: ArrayLike, labels: ArrayLike | None = None,
+             key: jax.Array | None = None, *, axis_name: str | None = None,
+             memory: Memory | None = None, pos_mask: ArrayLike | None = None,
+             neg_mask: ArrayLike | None = None,
              margin: ArrayLike = 0.2, distance: str = "euclidean",
              normalize: bool = True, block_size: int = 0) -> tuple[jax.Array, Aux]:
     r"""Semi-hard triplet loss over every anchor-positive pair (TFA ``TripletSemiHardLoss``).
@@ -375,10 +519,12 @@ def semihard(embeddings: ArrayLike, labels: ArrayLike, key: jax.Array | None = N
 
     Args:
       embeddings: [B, D] floating.
-      labels: [B] integer.
+      labels: [B] integer, or None with ``pos_mask`` / ``neg_mask``.
       key: unused.
       axis_name: mine across devices over this axis.
       memory: a cross-batch memory whose rows join the candidates (not the anchors).
+      pos_mask, neg_mask: bool [B, M] relevance instead of ``labels`` (module
+        docstring; the dense path, ``block_size`` ignored).
       margin: m.
       distance: a name of :data:`hnm.distances.SIMILARITIES` (``"euclidean"`` is TFA's
         ``"L2"``).
@@ -396,18 +542,25 @@ def semihard(embeddings: ArrayLike, labels: ArrayLike, key: jax.Array | None = N
     """
     del key
     _check_metric_options(distance)
-    emb, labels, ref = _prepare(embeddings, labels, _normalizes(distance, normalize),
-                                axis_name, memory)
-    st = streaming.semihard_sums(emb, labels, ref, margin=margin, distance=distance,
-                                 block_size=_block(block_size))
+    if _custom(labels, pos_mask, neg_mask):
+        st, ref = _dense_hinge_sums("semihard", embeddings, labels,
+                                    _normalizes(distance, normalize), axis_name, memory,
+                                    pos_mask, neg_mask, margin, distance)
+    else:
+        emb, labels, ref = _prepare(embeddings, labels, _normalizes(distance, normalize),
+                                    axis_name, memory)
+        st = streaming.semihard_sums(emb, labels, ref, margin=margin, distance=distance,
+                                     block_size=_block(block_size))
     loss = distances.global_mean_of(st.loss_sum, st.num, axis_name)
     s = _common.global_stats(axis_name, n=st.num, hard=st.num_hard, ap=st.sum_ap,
                              an=st.sum_an, active=st.num_active, loss=loss)
     return _finish(loss, _common.aux_from_stats(s), ref)
 
 
-def batch_all(embeddings: ArrayLike, labels: ArrayLike, key: jax.Array | None = None, *,
-              axis_name: str | None = None, memory: Memory | None = None,
+def batch_all(embeddings: ArrayLike, labels: ArrayLike | None = None,
+              key: jax.Array | None = None, *, axis_name: str | None = None,
+              memory: Memory | None = None, pos_mask: ArrayLike | None = None,
+              neg_mask: ArrayLike | None = None,
               margin: ArrayLike = 0.2, distance: str = "euclidean", normalize: bool = True,
               reduction: str = "avg_nonzero",
               block_size: int = 0) -> tuple[jax.Array, Aux]:
@@ -425,10 +578,12 @@ def batch_all(embeddings: ArrayLike, labels: ArrayLike, key: jax.Array | None = 
 
     Args:
       embeddings: [B, D] floating.
-      labels: [B] integer.
+      labels: [B] integer, or None with ``pos_mask`` / ``neg_mask``.
       key: unused.
       axis_name: mine across devices over this axis.
       memory: a cross-batch memory whose rows join the candidates (not the anchors).
+      pos_mask, neg_mask: bool [B, M] relevance instead of ``labels`` (module
+        docstring; the dense path, ``block_size`` ignored).
       margin: m.
       distance: a name of :data:`hnm.distances.SIMILARITIES`.
       normalize: L2-normalise the embeddings first.
@@ -447,10 +602,15 @@ def batch_all(embeddings: ArrayLike, labels: ArrayLike, key: jax.Array | None = 
     """
     del key
     _check_metric_options(distance, reduction)
-    emb, labels, ref = _prepare(embeddings, labels, _normalizes(distance, normalize),
-                                axis_name, memory)
-    at = streaming.batch_all_sums(emb, labels, ref, margin=margin, distance=distance,
-                                  block_size=_block(block_size))
+    if _custom(labels, pos_mask, neg_mask):
+        at, ref = _dense_hinge_sums("batch_all", embeddings, labels,
+                                    _normalizes(distance, normalize), axis_name, memory,
+                                    pos_mask, neg_mask, margin, distance)
+    else:
+        emb, labels, ref = _prepare(embeddings, labels, _normalizes(distance, normalize),
+                                    axis_name, memory)
+        at = streaming.batch_all_sums(emb, labels, ref, margin=margin, distance=distance,
+                                      block_size=_block(block_size))
     count = at.num_active if reduction == "avg_nonzero" else at.num
     loss = distances.global_mean_of(at.loss_sum, count, axis_name)
     # Means over every triplet: s_ap repeats once per negative, s_an once per positive.
