@@ -26,6 +26,13 @@ Layout:
   the one registry :data:`hnm.distances.SIMILARITIES`), global statistics, the aux dict and
   the reductions shared by both.
 
+**Custom relevance** (every objective but ``n_pairs``): instead of integer ``labels``, pass
+``pos_mask=`` / ``neg_mask=`` (bool [B, M], this device's rows against the reference set: the
+gathered batch, then the memory rows; the proxy objectives take ``pos_mask`` [B, C] against
+the classes). Labels and masks together are an error (except ``margin``, whose labels pick
+each anchor's β); the self-pair is always removed. With masks the mining is dense (no
+streaming). Multi-label data and hierarchies work this way.
+
 **Cross-device** (``axis_name`` set, inside ``pmap``/``shard_map``): the anchors are the local
 rows, the candidates every device's rows (``distances.reference_set``, an ``all_gather``), and
 self-pairs are removed with ``query_offset``. The returned ``loss`` is this device's *share*,
