@@ -236,6 +236,10 @@ def _report(results: dict, workdir: str) -> int:
         word = "interrupted" if sig == "SIGINT" else "preempted"
         print(f"{word}: checkpoint saved at step {results['preempted_at_step']}; rerun the "
               "same command to resume")
+        # The checkpoint is complete. Skip the interpreter's shutdown: it resets the signal
+        # handlers to the default, and a second Ctrl-C landing there would kill the process
+        # by SIGINT (exit -2) instead of exiting 130.
+        _CONTEXT["hard_exit"] = True
         return 130 if sig == "SIGINT" else 0
     if jax.process_index() == 0:
         from hnm import inference

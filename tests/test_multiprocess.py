@@ -165,7 +165,6 @@ class MultiProcessTest(absltest.TestCase):
         with open(os.path.join(wd, "hnm.lock")) as f:
             holder = json.load(f)
         self.assertEqual(holder["pid"], procs[0].pid)
-        self.assertIn("--process_id=0", holder["command"])
         t0 = time.time()
         intruder = _launch(_flags(npz, wd), devices=1)
         out, _ = intruder.communicate(timeout=120)
