@@ -55,6 +55,59 @@ def _hnm_commands():
     return out
 
 
+def _has_faiss() -> bool:
+    from hnm import search
+    return search.faiss_available()
+
+
+def _run_use_command(argv, capsys):
+    """`hnm embed / search / export` as the README shows them, on the trained runs/digits:
+    images.npz and queries.npz from the run's own image shape, photos/ as PNG files."""
+    from PIL import Image
+
+    from hnm import cli, inference
+
+    wd = next((a.split("=", 1)[1] for a in argv if a.startswith("--workdir=")), "runs/digits")
+    shape = inference.image_shape(inference.load_config(wd).data)
+    rng = np.random.default_rng(1)
+    if not os.path.exists("images.npz"):
+        images = rng.integers(0, 256, (12, *shape), dtype=np.uint8)
+        np.savez("images.npz", images=images, labels=np.repeat(np.arange(4), 3))
+        os.makedirs("photos", exist_ok=True)
+        for i, im in enumerate(images[:5]):
+            Image.fromarray(im[..., 0] if shape[-1] == 1 else im).save(f"photos/{i}.png")
+    code = cli.run(argv)
+    out = capsys.readouterr()
+    assert code == 0, (argv, out.err[-3000:])
+    if argv[0] == "embed":
+        emb = np.load("emb.npy")
+        n = 5 if any("photos" in a for a in argv) else 12
+        assert emb.shape == (n, inference.load(wd).embedding_dim), emb.shape
+        # The CLI writes what the Python API computes.
+        src = (np.load("images.npz")["images"] if n == 12 else
+               np.stack([np.asarray(Image.open(f"photos/{i}.png")) for i in range(5)]))
+        np.testing.assert_allclose(emb, inference.load(wd).embed(
+            src.reshape(n, *shape)), rtol=1e-5, atol=1e-6)
+        if n == 12:
+            np.savez("queries.npz", embeddings=emb[:4])
+    elif argv[0] == "search":
+        result = np.load("nbrs.npz")
+        k = int(argv[argv.index("-k") + 1])
+        assert result["indices"].shape == (4, k)
+        # The queries are gallery rows 0-3: each finds itself first.
+        np.testing.assert_array_equal(result["indices"][:, 0], np.arange(4))
+    else:  # export: the optional SavedModel as shown, then the default jax format
+        out_dir = next(a.split("=", 1)[1] for a in argv if a.startswith("--output="))
+        assert os.path.exists(os.path.join(out_dir, "contract.json"))
+        if "--format=saved_model" in argv:
+            assert os.path.exists(os.path.join(out_dir, "saved_model.pb"))
+            out_dir += "_jax"
+            argv = [f"--output={out_dir}" if a.startswith("--output=") else a
+                    for a in argv if not a.startswith("--format=")]
+            assert cli.run(argv) == 0, capsys.readouterr().err[-3000:]
+        assert os.path.getsize(os.path.join(out_dir, "embedder.jax")) > 1000
+
+
 TINY = ["--config.train.num_epochs=1", "--config.train.num_devices=1",
         "--config.train.eval_every_epochs=100", "--no_progress"]
 
@@ -79,9 +132,12 @@ def test_every_readme_command_runs(tmp_path, monkeypatch, capsys):
     np.savez("mine.npz", images=images.reshape(-1, 8, 8), labels=np.repeat(np.arange(24), 6))
     ran = []
     for command in commands:
-        # Absolute work directories (/tmp/smoke) move under this test's folder.
+        # Absolute work directories (/tmp/smoke) move under this test's folder; optional
+        # flags shown as [--flag=...] are used (except --backend=faiss without faiss).
         argv = [f"--workdir={os.path.basename(a.split('=', 1)[1])}"
-                if a.startswith("--workdir=/") else a for a in shlex.split(command)[1:]]
+                if a.startswith("--workdir=/") else a.strip("[]")
+                for a in shlex.split(command)[1:]]
+        argv = [a for a in argv if a != "--backend=faiss" or _has_faiss()]
         if argv[0] == "train":
             needs_download = "cub_sct.py" in command and ":smoke" not in command
             if needs_download:  # the full recipe downloads CUB and ImageNet weights: the
@@ -121,6 +177,9 @@ def test_every_readme_command_runs(tmp_path, monkeypatch, capsys):
             assert evaluated["step"] == trained["step"]
             assert abs(evaluated["recall@1"] - trained["recall@1"]) < 1e-6
             ran.append((command, evaluated["recall@1"]))
+        elif argv[0] in ("embed", "search", "export"):
+            _run_use_command(argv, capsys)
+            ran.append((command, argv[0]))
         elif argv[0] == "config":
             code = cli.run(argv)
             out = capsys.readouterr()
