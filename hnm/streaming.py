@@ -43,10 +43,14 @@ backward matmul.
 
 Block size (``block_size`` option of the objectives; 0 there means ``None`` here): ``None``
 picks :func:`auto_block`, which keeps the whole reference set in one tile while ``A·M`` is
-at most :data:`DENSE_ELEMENTS` values (the per-anchor rules run it in anchor blocks of
-:data:`ANCHOR_BLOCK`, so a plain batch of any size is one tile per anchor block) and streams
-in tiles of about :data:`DENSE_ELEMENTS` values beyond that. An int forces that many
-reference rows per tile.
+at most :data:`DENSE_ELEMENTS` values and streams in tiles of about :data:`DENSE_ELEMENTS`
+values beyond that. The per-anchor rules and, on a batch, ``semihard`` / ``batch_all`` run
+the one-tile case in blocks of anchors (``lax.map``; :data:`ANCHOR_TILE`,
+:data:`HINGE_ANCHOR_BLOCK`), each against the whole reference set, so that a block's tile
+stays in cache through its masked passes; the per-anchor rules do so while the reference
+rows fit in cache (:data:`REF_CACHED`), and otherwise stream all anchors against blocks of
+reference rows, so that a large memory is read once. An int forces that many reference rows
+per tile.
 """
 from __future__ import annotations
 
@@ -62,10 +66,16 @@ from hnm import memory as memory_lib
 # is 4 MiB: the tile and its masks stay in this machine's L2 + L3 share (2 MiB L2 per core,
 # 32 MiB L3), measured fastest at B = 1024..4096 (experiments/bench_losses.py).
 DENSE_ELEMENTS = 1 << 20
-# Anchors per block of the per-anchor miners (lax.map over anchor blocks): 256 x 4096 values
-# is one 4 MiB tile. Blocks of 64..256 anchors were equally fast at B = 1024, 2048; the whole
-# batch at once was 5x slower at B = 2048 (the 16 MiB matrix falls out of cache).
-ANCHOR_BLOCK = 256
+# Anchor x reference values per tile of the per-anchor miners (lax.map over blocks of
+# ANCHOR_TILE // M anchors, at least 64): 2^18 float32 is 1 MiB, inside one core's 2 MiB L2.
+# Measured (fwd + bwd, x the limit): B = 512 as one block 0.44x vs 0.51x in blocks of 256
+# (D = 512); B = 4096, D = 64: blocks of 64 / 128 0.34-0.40x vs 256 0.37-0.49x; the whole
+# batch at once was 5x slower at B = 2048 (a 16 MiB matrix falls out of cache).
+ANCHOR_TILE = 1 << 18
+MIN_ANCHOR_BLOCK = 64
+# ... but only while the reference rows (M x D) stay in the L3 cache (2^21 float32: 8 MiB);
+# beyond, all anchors against streamed blocks of reference rows (the memory read once).
+REF_CACHED = 1 << 21
 # semihard on one tile: from this embedding dimension on, the gradient goes through a dense
 # coefficient tile (one matmul) instead of gathered rows (a scatter): measured at B = 1024,
 # 1.5x vs 2.0x the limit at D = 512, 1.8x vs 0.8-1.4x at D = 64.
@@ -341,7 +351,7 @@ class PerAnchor(NamedTuple):
 def mine_per_anchor(q: jax.Array, labels: jax.Array, ref: Reference, rule: str, *,
                     distance: str = "cosine", duplicate_threshold: float = 0.9999,
                     block_size: int | None = None,
-                    anchor_block: int = ANCHOR_BLOCK) -> PerAnchor:
+                    anchor_block: int | None = None) -> PerAnchor:
     r"""One triplet per anchor, by rule, on the mining values (never differentiated).
 
     * ``"hardest"`` (batch-hard): :math:`\arg\min_p S_{ap}`, :math:`\arg\max_n S_{an}`;
@@ -364,9 +374,19 @@ def mine_per_anchor(q: jax.Array, labels: jax.Array, ref: Reference, rule: str, 
         raise ValueError(f"unknown mining `rule`={rule!r}; expected one of {RULES}.")
     q = jax.lax.stop_gradient(q)
     num = q.shape[0]
+    if anchor_block is None:
+        anchor_block = max(MIN_ANCHOR_BLOCK, ANCHOR_TILE // ref.size)
     ab = min(num, anchor_block)
     block = auto_block(ab, ref.size, block_size)
     one_tile = block >= ref.size
+    if block_size is None and ref.size * q.shape[1] > REF_CACHED:
+        one_tile = False  # every block of anchors would read it from memory again
+    if not one_tile:
+        # Streaming: all anchors against each block of reference rows, so that the reference
+        # set (a memory of M x D, 128 MiB at M = 65,536, D = 512) is read once, not once per
+        # block of anchors (measured 1.07x vs 1.23x one B x M x D matmul there).
+        ab = num
+        block = auto_block(num, ref.size, block_size)
     stopped = ref.with_live(jax.lax.stop_gradient(ref.live))
     if one_tile and ref.mem is not None:  # small enough for one tile: one segment
         stopped = Reference(jax.lax.stop_gradient(ref.rows(jnp.arange(ref.size))),

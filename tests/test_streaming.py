@@ -163,8 +163,9 @@ def _check_block_size(name):
 
     def run(block):
         fn = objectives.get(name, block_size=block)
-        return jax.value_and_grad(lambda x: fn(x, labels, memory=mem)[0])(emb), \
-            fn(emb, labels, memory=mem)[1]
+        (loss, aux), grad = jax.jit(jax.value_and_grad(
+            lambda x: fn(x, labels, memory=mem), has_aux=True))(emb)
+        return (loss, grad), aux
     (l0, g0), aux0 = run(0)
     (l1, g1), aux1 = run(4)
     np.testing.assert_allclose(l1, l0, rtol=1e-6)
