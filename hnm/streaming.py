@@ -46,7 +46,7 @@ picks :func:`auto_block`, which keeps the whole reference set in one tile while 
 at most :data:`DENSE_ELEMENTS` values and streams in tiles of about :data:`DENSE_ELEMENTS`
 values beyond that. The per-anchor rules and, on a batch, ``semihard`` / ``batch_all`` run
 the one-tile case in blocks of anchors (``lax.map``; :data:`ANCHOR_TILE`,
-:data:`HINGE_ANCHOR_BLOCK`), each against the whole reference set, so that a block's tile
+:data:`HINGE_MIN_ANCHOR_BLOCK`), each against the whole reference set, so that a block's tile
 stays in cache through its masked passes; the per-anchor rules do so while the reference
 rows fit in cache (:data:`REF_CACHED`), and otherwise stream all anchors against blocks of
 reference rows, so that a large memory is read once. An int forces that many reference rows
@@ -80,11 +80,14 @@ REF_CACHED = 1 << 21
 # coefficient tile (one matmul) instead of gathered rows (a scatter): measured at B = 1024,
 # 1.5x vs 2.0x the limit at D = 512, 1.8x vs 0.8-1.4x at D = 64.
 DENSE_GRAD_DIM = 256
-# semihard / batch_all on a batch: anchors per block of the single-tile path (lax.map over
-# anchor blocks, each against the whole batch, so that the slot passes over a block's tile
-# stay in cache); the coefficient blocks are assembled into one A x M matrix for the
-# gradient (one matmul by w + w.T).
-HINGE_ANCHOR_BLOCK = 256
+# semihard / batch_all on a batch: the single-tile path in blocks of anchors (lax.map, each
+# block against the whole batch, so that the slot passes over a block's tile stay in cache),
+# of ANCHOR_TILE // M anchors but at least HINGE_MIN_ANCHOR_BLOCK; the coefficient blocks
+# are assembled into one A x M matrix for the gradient (one matmul by w + w.T). Measured
+# (x the limit, loaded machine): B = 512 as one block 1.22x / 0.93x (batch_all, D = 64 /
+# 512) vs 1.33x / 1.01x in blocks of 256; B = 1024, 2048: blocks of 128 and 256 equal,
+# 64 slower (semihard 1.44x vs 1.0x); the whole batch as one tile at B = 2048 3.5x slower.
+HINGE_MIN_ANCHOR_BLOCK = 128
 SLOTS = 4          # positive slots per sweep without a memory (P x K batches: K - 1 = 3)
 SLOTS_MEMORY = 8   # with a memory: batch positives plus a few from past batches
 _BIG = int(jnp.iinfo(jnp.int32).max)
@@ -539,6 +542,8 @@ class HingeSums(NamedTuple):
 
 def _setup(q, ref, block_size, slots, anchor_block):
     slots = slots or (SLOTS if ref.mem is None else SLOTS_MEMORY)
+    if anchor_block is None:
+        anchor_block = max(HINGE_MIN_ANCHOR_BLOCK, ANCHOR_TILE // ref.size)
     # Automatic: one tile per block of anchors up to 2^20 values. A whole B = 2048 batch as
     # one 16 MiB tile was measured slower (semihard 4.9x, batch_all 13.7x the limit) than
     # tiles of 512 rows (3.0x, 9.2x): its many passes fall out of cache.
@@ -581,7 +586,7 @@ def _one_hot_weights(cols, idx, weight):
 def semihard_sums(q: jax.Array, labels: jax.Array, ref: Reference, *, margin,
                   distance: str, block_size: int | None = None,
                   slots: int | None = None,
-                  anchor_block: int = HINGE_ANCHOR_BLOCK) -> HingeSums:
+                  anchor_block: int | None = None) -> HingeSums:
     r"""TFA semi-hard hinge over every anchor-positive pair, streamed.
 
     For each pair (a, p): the most similar negative strictly less similar than p, else the
@@ -677,7 +682,7 @@ def _batch_all_tile(v, neg, found, sap, margin):
 def batch_all_sums(q: jax.Array, labels: jax.Array, ref: Reference, *, margin,
                    distance: str, block_size: int | None = None,
                    slots: int | None = None,
-                   anchor_block: int = HINGE_ANCHOR_BLOCK) -> HingeSums:
+                   anchor_block: int | None = None) -> HingeSums:
     r"""Hinge over *every* triplet, streamed: :math:`\sum_{a,p,n} \max(0, s_{an} - s_{ap}
     + m)` (as :func:`hnm.losses.all_triplets_margin_sums`).
 
