@@ -371,7 +371,8 @@ def mine_per_anchor(q: jax.Array, labels: jax.Array, ref: Reference, rule: str, 
 
     Cost: one A x M x D matmul in tiles; with one tile (the default for a batch), each
     anchor block's tile is reduced while in cache; with several tiles, a running top-1.
-    EPSHN over several tiles sweeps twice (its negative depends on the final positive).
+    EPSHN over several tiles first finds its positive from the label index (gathered rows:
+    its negative depends on the final positive), then sweeps once.
     """
     if rule not in RULES:
         raise ValueError(f"unknown mining `rule`={rule!r}; expected one of {RULES}.")
@@ -426,8 +427,10 @@ def mine_per_anchor(q: jax.Array, labels: jax.Array, ref: Reference, rule: str, 
 
         if one_tile or rule != "easy_semihard":
             res = fold(0)
-        else:  # the semi-hard negative needs the final positive: a second sweep
-            res = fold(2)
+        else:
+            # The semi-hard negative needs the final positive: found first from the label
+            # index (gathered rows, no sweep), then one sweep for the negatives.
+            res = {"p": _easy_positives(qb, ql, stopped, distance, thr)}
             res.update(fold(1, res["p"][0]))
         (pv, pi), (nv, ni) = res["p"], res["n"]
         found = (pv > -jnp.inf) & (nv > -jnp.inf)
@@ -485,6 +488,22 @@ def _slots(index, first: jax.Array, num_slots: int):
     r = r + (r >= self_rank[:, None]).astype(jnp.int32)  # skip the anchor's own row
     cols = order[jnp.clip(r, 0, order.shape[0] - 1)]
     return cols, k < count[:, None]
+
+
+def _easy_positives(q, labels, ref, distance, thr, slots=SLOTS_MEMORY):
+    """Each anchor's easy positive (the largest mining value <= ``thr``, first column on
+    ties) and its value, from the positives of the label index in chunks of ``slots``
+    (:func:`_chunks`): O(A P D) for P positives per anchor instead of a sweep over the
+    reference set. The values are dot products of gathered rows (see "Exactness")."""
+    kind = "dot" if distance in ("cosine", "dot") else "squared_euclidean"
+
+    def body(carry, cols, found, _chunk):
+        m = pair_values(q[:, None, :], ref.rows(cols), kind)
+        new = _top1(jnp.where(found & (m <= thr), m, -jnp.inf), cols)
+        return _merge_top1(carry, new)
+
+    init = (jnp.full(q.shape[:1], -jnp.inf, q.dtype), jnp.zeros(q.shape[:1], jnp.int32))
+    return _chunks(q, labels, ref, slots, body, init)
 
 
 def _count(mask: jax.Array) -> jax.Array:
