@@ -20,7 +20,9 @@ reference labels puts each class in a contiguous run of rows in column order, so
 positive of anchor a is ``order[lo[a] + k]`` (skipping a's own row): O(M log M) on labels
 only. They are handled in chunks of ``slots`` positives (a ``lax.while_loop`` whose trip
 count is the largest number of positives of an anchor divided by ``slots``, one on a P x K
-batch), each chunk one sweep over the reference blocks.
+batch), each chunk one sweep over the reference blocks. ``epshn`` against a streamed
+reference set takes its easy positive from the same index (gathered rows), so that its
+semi-hard negative needs one sweep, not two.
 
 Exactness. Ties go to the first column, as in :mod:`hnm.miners` (a later block replaces the
 running best only when strictly better, and inside a block the first maximal column wins);
@@ -30,9 +32,18 @@ expanded squared distance), so the choices agree with the dense path on the same
 When the whole reference set is one tile (a batch without memory, the default up to
 2^20 anchor x reference values) ``semihard`` / ``batch_all`` read the positives'
 similarities from the tile itself, so every comparison is the dense one. When streaming,
-those similarities are dot products of gathered rows, not matrix entries, so a positive and a
-negative whose similarities differ only in the last bit of a float32 matmul could be ordered
-differently (exactly equal rows still tie).
+those similarities (and ``epshn``'s positive) are dot products of gathered rows, not matrix
+entries, so a positive and a negative whose similarities differ only in the last bit of a
+float32 matmul could be ordered differently (exactly equal rows still tie).
+
+Speed (XLA:CPU, ``experiments/bench_losses.py``): every reduction over a tile reads a
+materialised copy of its masked input, so the cost of a tile is its number of masked
+reductions; keeping a block's tile in the 2 MiB L2 (blocks of anchors) is what makes those
+passes cheap. Tried and not kept, because they were not faster here in fwd + bwd within
+the noise of this shared machine: the tile transposed (reductions over the major axis),
+column ids as floats for the first-index reduction (2x faster alone, no gain in context),
+float instead of int32 row counts, bf16 mining matmuls (XLA:CPU's bf16 dot is no faster than
+float32 on this CPU).
 
 Gradients. ``mine_per_anchor`` returns stopped indices; the objectives differentiate the
 gathered rows. ``semihard_sums`` and ``batch_all_sums`` return a *first-order* surrogate
