@@ -414,6 +414,7 @@ def print_summary(summary: dict, names, sizes, other_sizes, dims, stream_m, stre
     limits = summary.get("_limit", {})
 
     def table(cols, rows):
+        cols = [c for c in cols if c in limits]  # the sizes that ran
         if not cols or not rows:
             return
         print("| objective | " + " | ".join(f"B={b}, D={d}" for b, d in cols) + " |")
