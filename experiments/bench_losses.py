@@ -321,9 +321,15 @@ def batch_grid(sizes, dims, names, pml, pml_max_b, torch, pml_missing, summary,
             seen = dict(first)
             rows = []
             for name in row_names:
-                call, mem = _objective(name, emb, labels)
-                ms = _race(call, limit_calls, seen)
-                del call
+                try:
+                    call, mem = _objective(name, emb, labels)
+                    ms = _race(call, limit_calls, seen)
+                    del call
+                except Exception as err:  # pylint: disable=broad-except
+                    # One objective failing (e.g. out of memory) must not lose the grid.
+                    print(f"<!-- {name} B={b} D={d} failed: {type(err).__name__}: "
+                          f"{str(err)[:200]} -->", flush=True)
+                    continue
                 pml_ms, speedup = "", ""
                 kind, cubic = _pml_kind(name)
                 if kind is not None and pml is None:
