@@ -400,7 +400,7 @@ def _cell(ratio: float, miss: bool, extra: str = "") -> str:
 
 
 def _pml_note(note: str) -> str:
-    if not note:
+    if not note or note.startswith(("off", "not installed")):
         return ""
     if note.endswith("x"):
         return f"{note[:-1]}× vs PML"
