@@ -65,7 +65,9 @@ PER_ANCHOR = ("ephn", "epshn", "sct", "batch_hard")
 TARGETS = {**{n: (1.0, 0.5) for n in PER_ANCHOR}, "semihard": (2.5, 1.2),
            "batch_all": (1.5, 1.0)}
 STREAM_TARGET, STREAM_TEMP_MIB = 1.5, 64.0
-# PML's loss with hnm's default options: name -> (class name, kwargs, needs B^3 memory).
+# PML's loss with hnm's default options: name -> (class name, kwargs, needs B^3 memory:
+# False, True (a B^3 mask: up to --pml_max_b) or "quartic" (B^3 floats, several: up to
+# PML_QUARTIC_MAX_B; at B = 1024 PML's SmoothAPLoss was killed for memory)).
 # Parametric ones also get num_classes and embedding_size. Angles: PML takes degrees.
 PML_LOSSES = {
     "contrastive": ("ContrastiveLoss", dict(pos_margin=0.0, neg_margin=1.0), False),
@@ -80,7 +82,7 @@ PML_LOSSES = {
     "tuplet_margin": ("TupletMarginLoss", dict(margin=5.73, scale=64.0), False),
     "fast_ap": ("FastAPLoss", dict(num_bins=10), False),
     "histogram": ("HistogramLoss", dict(n_bins=100), False),
-    "smooth_ap": ("SmoothAPLoss", dict(temperature=0.01), False),
+    "smooth_ap": ("SmoothAPLoss", dict(temperature=0.01), "quartic"),  # B^3 floats
     "proxy_nca": ("ProxyNCALoss", dict(softmax_scale=1.0), False),
     "proxy_anchor": ("ProxyAnchorLoss", dict(margin=0.1, alpha=32.0), False),
     "norm_softmax": ("NormalizedSoftmaxLoss", dict(temperature=0.05), False),
@@ -92,6 +94,7 @@ PML_LOSSES = {
                                            margin=0.01), False),
     "margin": ("MarginLoss", dict(margin=0.2, nu=0.0, beta=1.2, learn_beta=True), True),
 }
+PML_QUARTIC_MAX_B = 256
 PML_PARAMETRIC = ("proxy_nca", "proxy_anchor", "norm_softmax", "arcface", "cosface",
                   "sub_center_arcface", "soft_triple")
 
@@ -334,7 +337,8 @@ def batch_grid(sizes, dims, names, pml, pml_max_b, torch, pml_missing, summary,
                 kind, cubic = _pml_kind(name)
                 if kind is not None and pml is None:
                     pml_ms = pml_missing
-                elif kind is not None and cubic and b > pml_max_b:
+                elif kind is not None and cubic and b > (
+                        PML_QUARTIC_MAX_B if cubic == "quartic" else pml_max_b):
                     pml_ms = "skipped (B^3 mask)"
                 elif kind is not None:
                     try:
