@@ -81,7 +81,7 @@ PML_LOSSES = {
     "ntxent": ("NTXentLoss", dict(temperature=0.07), False),
     "tuplet_margin": ("TupletMarginLoss", dict(margin=5.73, scale=64.0), False),
     "fast_ap": ("FastAPLoss", dict(num_bins=10), False),
-    "histogram": ("HistogramLoss", dict(n_bins=100), False),
+    "histogram": ("HistogramLoss", dict(n_bins=100), "quartic"),  # pairs x bins, OOM at 1024
     "smooth_ap": ("SmoothAPLoss", dict(temperature=0.01), "quartic"),  # B^3 floats
     "proxy_nca": ("ProxyNCALoss", dict(softmax_scale=1.0), False),
     "proxy_anchor": ("ProxyAnchorLoss", dict(margin=0.1, alpha=32.0), False),
@@ -92,7 +92,8 @@ PML_LOSSES = {
                                                         sub_centers=3), False),
     "soft_triple": ("SoftTripleLoss", dict(centers_per_class=10, la=20.0, gamma=0.1,
                                            margin=0.01), False),
-    "margin": ("MarginLoss", dict(margin=0.2, nu=0.0, beta=1.2, learn_beta=True), True),
+    "margin": ("MarginLoss", dict(margin=0.2, nu=0.0, beta=1.2, learn_beta=True),
+               "quartic"),  # all triplets: OOM (14 GiB) at B = 1024
 }
 PML_QUARTIC_MAX_B = 256
 PML_PARAMETRIC = ("proxy_nca", "proxy_anchor", "norm_softmax", "arcface", "cosface",
