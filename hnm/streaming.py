@@ -20,7 +20,9 @@ reference labels puts each class in a contiguous run of rows in column order, so
 positive of anchor a is ``order[lo[a] + k]`` (skipping a's own row): O(M log M) on labels
 only. They are handled in chunks of ``slots`` positives (a ``lax.while_loop`` whose trip
 count is the largest number of positives of an anchor divided by ``slots``, one on a P x K
-batch), each chunk one sweep over the reference blocks.
+batch), each chunk one sweep over the reference blocks. ``epshn`` against a streamed
+reference set takes its easy positive from the same index (gathered rows), so that its
+semi-hard negative needs one sweep, not two.
 
 Exactness. Ties go to the first column, as in :mod:`hnm.miners` (a later block replaces the
 running best only when strictly better, and inside a block the first maximal column wins);
@@ -30,9 +32,18 @@ expanded squared distance), so the choices agree with the dense path on the same
 When the whole reference set is one tile (a batch without memory, the default up to
 2^20 anchor x reference values) ``semihard`` / ``batch_all`` read the positives'
 similarities from the tile itself, so every comparison is the dense one. When streaming,
-those similarities are dot products of gathered rows, not matrix entries, so a positive and a
-negative whose similarities differ only in the last bit of a float32 matmul could be ordered
-differently (exactly equal rows still tie).
+those similarities (and ``epshn``'s positive) are dot products of gathered rows, not matrix
+entries, so a positive and a negative whose similarities differ only in the last bit of a
+float32 matmul could be ordered differently (exactly equal rows still tie).
+
+Speed (XLA:CPU, ``experiments/bench_losses.py``): every reduction over a tile reads a
+materialised copy of its masked input, so the cost of a tile is its number of masked
+reductions; keeping a block's tile in the 2 MiB L2 (blocks of anchors) is what makes those
+passes cheap. Tried and not kept, because they were not faster here in fwd + bwd within
+the noise of this shared machine: the tile transposed (reductions over the major axis),
+column ids as floats for the first-index reduction (2x faster alone, no gain in context),
+float instead of int32 row counts, bf16 mining matmuls (XLA:CPU's bf16 dot is no faster than
+float32 on this CPU).
 
 Gradients. ``mine_per_anchor`` returns stopped indices; the objectives differentiate the
 gathered rows. ``semihard_sums`` and ``batch_all_sums`` return a *first-order* surrogate
@@ -43,14 +54,17 @@ backward matmul.
 
 Block size (``block_size`` option of the objectives; 0 there means ``None`` here): ``None``
 picks :func:`auto_block`, which keeps the whole reference set in one tile while ``A·M`` is
-at most :data:`DENSE_ELEMENTS` values (the per-anchor rules run it in anchor blocks of
-:data:`ANCHOR_BLOCK`, so a plain batch of any size is one tile per anchor block) and streams
-in tiles of about :data:`DENSE_ELEMENTS` values beyond that. An int forces that many
-reference rows per tile.
+at most :data:`DENSE_ELEMENTS` values and streams in tiles of about :data:`DENSE_ELEMENTS`
+values beyond that. The per-anchor rules and, on a batch, ``semihard`` / ``batch_all`` run
+the one-tile case in blocks of anchors (``lax.map``; :data:`ANCHOR_TILE`,
+:data:`HINGE_MIN_ANCHOR_BLOCK`), each against the whole reference set, so that a block's tile
+stays in cache through its masked passes; the per-anchor rules do so while the reference
+rows fit in cache (:data:`REF_CACHED`), and otherwise stream all anchors against blocks of
+reference rows, so that a large memory is read once. An int forces that many reference rows
+per tile.
 """
 from __future__ import annotations
 
-import math
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -63,14 +77,28 @@ from hnm import memory as memory_lib
 # is 4 MiB: the tile and its masks stay in this machine's L2 + L3 share (2 MiB L2 per core,
 # 32 MiB L3), measured fastest at B = 1024..4096 (experiments/bench_losses.py).
 DENSE_ELEMENTS = 1 << 20
-# Anchors per block of the per-anchor miners (lax.map over anchor blocks): 256 x 4096 values
-# is one 4 MiB tile. Blocks of 64..256 anchors were equally fast at B = 1024, 2048; the whole
-# batch at once was 5x slower at B = 2048 (the 16 MiB matrix falls out of cache).
-ANCHOR_BLOCK = 256
+# Anchor x reference values per tile of the per-anchor miners (lax.map over blocks of
+# ANCHOR_TILE // M anchors, at least 64): 2^18 float32 is 1 MiB, inside one core's 2 MiB L2.
+# Measured (fwd + bwd, x the limit): B = 512 as one block 0.44x vs 0.51x in blocks of 256
+# (D = 512); B = 4096, D = 64: blocks of 64 / 128 0.34-0.40x vs 256 0.37-0.49x; the whole
+# batch at once was 5x slower at B = 2048 (a 16 MiB matrix falls out of cache).
+ANCHOR_TILE = 1 << 18
+MIN_ANCHOR_BLOCK = 64
+# ... but only while the reference rows (M x D) stay in the L3 cache (2^21 float32: 8 MiB);
+# beyond, all anchors against streamed blocks of reference rows (the memory read once).
+REF_CACHED = 1 << 21
 # semihard on one tile: from this embedding dimension on, the gradient goes through a dense
 # coefficient tile (one matmul) instead of gathered rows (a scatter): measured at B = 1024,
 # 1.5x vs 2.0x the limit at D = 512, 1.8x vs 0.8-1.4x at D = 64.
 DENSE_GRAD_DIM = 256
+# semihard / batch_all on a batch: the single-tile path in blocks of anchors (lax.map, each
+# block against the whole batch, so that the slot passes over a block's tile stay in cache),
+# of ANCHOR_TILE // M anchors but at least HINGE_MIN_ANCHOR_BLOCK; the coefficient blocks
+# are assembled into one A x M matrix for the gradient (one matmul by w + w.T). Measured
+# (x the limit, loaded machine): B = 512 as one block 1.22x / 0.93x (batch_all, D = 64 /
+# 512) vs 1.33x / 1.01x in blocks of 256; B = 1024, 2048: blocks of 128 and 256 equal,
+# 64 slower (semihard 1.44x vs 1.0x); the whole batch as one tile at B = 2048 3.5x slower.
+HINGE_MIN_ANCHOR_BLOCK = 128
 SLOTS = 4          # positive slots per sweep without a memory (P x K batches: K - 1 = 3)
 SLOTS_MEMORY = 8   # with a memory: batch positives plus a few from past batches
 _BIG = int(jnp.iinfo(jnp.int32).max)
@@ -205,18 +233,44 @@ def _tile_vjp(q, r, coef, slope, live, symmetric=False):
     product; through ``x = |q|^2 + |r|^2 - 2 q.r`` for the Euclidean kinds. ``d/dr`` is None
     unless ``live``. ``symmetric``: ``r`` *is* ``q`` (a batch against itself, one tile), so
     both parts go to ``q`` with one matmul by ``w + w.T`` instead of two."""
+    w = coef if slope is None else coef * slope
+    return _weighted_vjp(q, r, w, slope is not None, live, symmetric)
+
+
+def _weighted_vjp(q, r, w, euclidean, live, symmetric=False):
+    """:func:`_tile_vjp` with the slope already folded in: ``w = coef * slope``."""
     if symmetric:
-        w = coef if slope is None else coef * slope
         both = w + w.T
-        if slope is None:
+        if not euclidean:
             return both @ q, None
         return 2.0 * (q * jnp.sum(both, axis=1)[:, None] - both @ q), None
-    if slope is None:
-        return coef @ r, (coef.T @ q if live else None)
-    w = coef * slope
+    if not euclidean:
+        return w @ r, (w.T @ q if live else None)
     dq = 2.0 * (q * jnp.sum(w, axis=1)[:, None] - w @ r)
     dr = 2.0 * (r * jnp.sum(w, axis=0)[:, None] - w.T @ q) if live else None
     return dq, dr
+
+
+def _by_anchor_blocks(fn, rows, block):
+    """``fn(*row_blocks) -> (per_row, sums)`` over blocks of ``block`` anchors (``lax.map``;
+    the last block zero-padded): ``per_row`` (a tuple of arrays with a leading anchor axis)
+    reassembled to the A rows, ``sums`` (a tuple of scalars) summed over blocks. One block
+    when A <= ``block``. ``fn`` must make a padded row (zeros, row id -1, ``found`` False)
+    contribute nothing to ``sums``."""
+    num = rows[0].shape[0]
+    if num <= block:
+        return fn(*rows)
+    nblk = -(-num // block)
+    pad = nblk * block - num
+
+    def split(x):
+        fill = -1 if x.dtype == jnp.int32 and x.ndim == 1 else 0
+        x = jnp.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1), constant_values=fill)
+        return x.reshape((nblk, block) + x.shape[1:])
+
+    per_row, sums = jax.lax.map(lambda xs: fn(*xs), tuple(split(x) for x in rows))
+    per_row = tuple(x.reshape((nblk * block,) + x.shape[2:])[:num] for x in per_row)
+    return per_row, tuple(jnp.sum(x, axis=0) for x in sums)
 
 
 def pair_values(q: jax.Array, r: jax.Array, distance: str) -> jax.Array:
@@ -311,7 +365,7 @@ class PerAnchor(NamedTuple):
 def mine_per_anchor(q: jax.Array, labels: jax.Array, ref: Reference, rule: str, *,
                     distance: str = "cosine", duplicate_threshold: float = 0.9999,
                     block_size: int | None = None,
-                    anchor_block: int = ANCHOR_BLOCK) -> PerAnchor:
+                    anchor_block: int | None = None) -> PerAnchor:
     r"""One triplet per anchor, by rule, on the mining values (never differentiated).
 
     * ``"hardest"`` (batch-hard): :math:`\arg\min_p S_{ap}`, :math:`\arg\max_n S_{an}`;
@@ -328,15 +382,26 @@ def mine_per_anchor(q: jax.Array, labels: jax.Array, ref: Reference, rule: str, 
 
     Cost: one A x M x D matmul in tiles; with one tile (the default for a batch), each
     anchor block's tile is reduced while in cache; with several tiles, a running top-1.
-    EPSHN over several tiles sweeps twice (its negative depends on the final positive).
+    EPSHN over several tiles first finds its positive from the label index (gathered rows:
+    its negative depends on the final positive), then sweeps once.
     """
     if rule not in RULES:
         raise ValueError(f"unknown mining `rule`={rule!r}; expected one of {RULES}.")
     q = jax.lax.stop_gradient(q)
     num = q.shape[0]
+    if anchor_block is None:
+        anchor_block = max(MIN_ANCHOR_BLOCK, ANCHOR_TILE // ref.size)
     ab = min(num, anchor_block)
     block = auto_block(ab, ref.size, block_size)
     one_tile = block >= ref.size
+    if block_size is None and ref.size * q.shape[1] > REF_CACHED:
+        one_tile = False  # every block of anchors would read it from memory again
+    if not one_tile:
+        # Streaming: all anchors against each block of reference rows, so that the reference
+        # set (a memory of M x D, 128 MiB at M = 65,536, D = 512) is read once, not once per
+        # block of anchors (measured 1.07x vs 1.23x one B x M x D matmul there).
+        ab = num
+        block = auto_block(num, ref.size, block_size)
     stopped = ref.with_live(jax.lax.stop_gradient(ref.live))
     if one_tile and ref.mem is not None:  # small enough for one tile: one segment
         stopped = Reference(jax.lax.stop_gradient(ref.rows(jnp.arange(ref.size))),
@@ -373,8 +438,10 @@ def mine_per_anchor(q: jax.Array, labels: jax.Array, ref: Reference, rule: str, 
 
         if one_tile or rule != "easy_semihard":
             res = fold(0)
-        else:  # the semi-hard negative needs the final positive: a second sweep
-            res = fold(2)
+        else:
+            # The semi-hard negative needs the final positive: found first from the label
+            # index (gathered rows, no sweep), then one sweep for the negatives.
+            res = {"p": _easy_positives(qb, ql, stopped, distance, thr)}
             res.update(fold(1, res["p"][0]))
         (pv, pi), (nv, ni) = res["p"], res["n"]
         found = (pv > -jnp.inf) & (nv > -jnp.inf)
@@ -434,12 +501,27 @@ def _slots(index, first: jax.Array, num_slots: int):
     return cols, k < count[:, None]
 
 
+def _easy_positives(q, labels, ref, distance, thr, slots=SLOTS_MEMORY):
+    """Each anchor's easy positive (the largest mining value <= ``thr``, first column on
+    ties) and its value, from the positives of the label index in chunks of ``slots``
+    (:func:`_chunks`): O(A P D) for P positives per anchor instead of a sweep over the
+    reference set. The values are dot products of gathered rows (see "Exactness")."""
+    kind = "dot" if distance in ("cosine", "dot") else "squared_euclidean"
+
+    def body(carry, cols, found, _chunk):
+        m = pair_values(q[:, None, :], ref.rows(cols), kind)
+        new = _top1(jnp.where(found & (m <= thr), m, -jnp.inf), cols)
+        return _merge_top1(carry, new)
+
+    init = (jnp.full(q.shape[:1], -jnp.inf, q.dtype), jnp.zeros(q.shape[:1], jnp.int32))
+    return _chunks(q, labels, ref, slots, body, init)
+
+
 def _count(mask: jax.Array) -> jax.Array:
     return jnp.sum(mask, dtype=jnp.int32)
 
 
 def _vary(tree, like):
-    from hnm import miners  # pylint: disable=import-outside-toplevel
     return distances.vary_like(tree, like)
 
 
@@ -488,12 +570,15 @@ class HingeSums(NamedTuple):
     sum_an: jax.Array      # sum of s_an over the set (stopped)
 
 
-def _setup(q, ref, block_size, slots):
+def _setup(q, ref, block_size, slots, anchor_block):
     slots = slots or (SLOTS if ref.mem is None else SLOTS_MEMORY)
-    # Automatic: one tile up to 2^20 values. A whole B = 2048 batch as one 16 MiB tile was
-    # measured slower (semihard 4.9x, batch_all 13.7x the limit) than tiles of 512 rows
-    # (3.0x, 9.2x): its many passes fall out of cache.
-    block = auto_block(q.shape[0], ref.size, block_size)
+    if anchor_block is None:
+        anchor_block = max(HINGE_MIN_ANCHOR_BLOCK, ANCHOR_TILE // ref.size)
+    # Automatic: one tile per block of anchors up to 2^20 values. A whole B = 2048 batch as
+    # one 16 MiB tile was measured slower (semihard 4.9x, batch_all 13.7x the limit) than
+    # tiles of 512 rows (3.0x, 9.2x): its many passes fall out of cache.
+    ab = min(q.shape[0], anchor_block)
+    block = auto_block(ab, ref.size, block_size)
     qs = jax.lax.stop_gradient(q)
     # Everything inside the loops is stopped: the gradient is assembled by hand (the tile's
     # vector-Jacobian product), and a live input would make JAX carry a tangent through them.
@@ -502,10 +587,13 @@ def _setup(q, ref, block_size, slots):
     # One tile holds the whole reference set (a batch, no memory): the tile stays in hand, so
     # the positives' similarities are read from it and every gradient goes through one
     # dense coefficient matrix (no gather / scatter of rows, slow on XLA:CPU at large D).
+    # Done in blocks of ``ab`` anchors (each against the whole batch).
     single = ref.mem is None and block >= ref.size
+    if not single:  # streaming: all anchors against blocks of reference rows
+        block = auto_block(q.shape[0], ref.size, block_size)
     # ... and the batch against itself (no device axis): one matmul by w + w.T.
     symmetric = single and ref.live is q
-    return slots, block, qs, sref, rid, single, symmetric
+    return slots, block, ab, qs, sref, rid, single, symmetric
 
 
 def _semihard_tile(v, neg, sap, cols):
@@ -527,7 +615,8 @@ def _one_hot_weights(cols, idx, weight):
 
 def semihard_sums(q: jax.Array, labels: jax.Array, ref: Reference, *, margin,
                   distance: str, block_size: int | None = None,
-                  slots: int | None = None) -> HingeSums:
+                  slots: int | None = None,
+                  anchor_block: int | None = None) -> HingeSums:
     r"""TFA semi-hard hinge over every anchor-positive pair, streamed.
 
     For each pair (a, p): the most similar negative strictly less similar than p, else the
@@ -536,17 +625,45 @@ def semihard_sums(q: jax.Array, labels: jax.Array, ref: Reference, *, margin,
     positive slot, a running semi-hard top-1 and, per anchor, the running farthest negative;
     the gradient goes through the chosen pairs only.
     """
-    slots, block, qs, sref, rid, single, symmetric = _setup(q, ref, block_size, slots)
+    slots, block, ab, qs, sref, rid, single, symmetric = _setup(q, ref, block_size, slots,
+                                                               anchor_block)
     margin = jnp.asarray(margin, q.dtype)
     zero = jnp.zeros((), q.dtype)
+    dense_grad = single and qs.shape[1] >= DENSE_GRAD_DIM
+    euclidean = distance not in ("cosine", "dot")
+
+    def choose(sap, shv, shi, farv, fari, found):
+        """Per pair: the negative and the hinge's weight; the block's sums."""
+        has_neg = farv > -jnp.inf
+        found_sh = shv > -jnp.inf
+        nidx = jnp.where(found_sh, shi, fari[:, None])
+        san = jnp.where(found_sh, shv, -farv[:, None])
+        pair = found & has_neg[:, None]
+        act = pair & (san - sap + margin > 0)
+        sums = (jnp.sum(jnp.where(act, san - sap + margin, zero)), _count(pair),
+                _count(act), _count(pair & (san > sap)), jnp.sum(jnp.where(pair, sap, zero)),
+                jnp.sum(jnp.where(pair, san, zero)))
+        return nidx, act.astype(q.dtype), sums
+
+    def one_tile(qb, lb, rb, pb, fb):
+        """A block of anchors against the whole batch (the tile stays in hand)."""
+        cols = jnp.arange(ref.size, dtype=jnp.int32)
+        v, slope = _tile_and_slope(qb, sref.live, distance)
+        _, neg = _tile_masks(lb, sref.labels, rb, cols)
+        sap = jnp.take_along_axis(v, pb, axis=1)
+        (shv, shi), (farv, fari) = _semihard_tile(v, neg, sap, cols)
+        nidx, w, sums = choose(sap, shv, shi, farv, fari, fb)
+        if not dense_grad:
+            return (nidx, w), sums
+        # d/ds_an = +1, d/ds_ap = -1 per active pair, as one coefficient tile: one more
+        # matmul, but no row scatter (which costs more than the matmul at large D).
+        coef = _one_hot_weights(cols, nidx, w) - _one_hot_weights(cols, pb, w)
+        return (nidx, w, coef if slope is None else coef * slope), sums
 
     def body(carry, pcols, found, _chunk):
         if single:
-            cols = jnp.arange(ref.size, dtype=jnp.int32)
-            v, slope = _tile_and_slope(qs, sref.live, distance)
-            _, neg = _tile_masks(labels, sref.labels, rid, cols)
-            sap = jnp.take_along_axis(v, pcols, axis=1)
-            (shv, shi), (farv, fari) = _semihard_tile(v, neg, sap, cols)
+            per_row, sums = _by_anchor_blocks(one_tile, (qs, labels, rid, pcols, found), ab)
+            nidx, w = per_row[:2]
         else:
             sap = pair_values(qs[:, None, :], sref.rows(pcols), distance)
 
@@ -559,29 +676,16 @@ def semihard_sums(q: jax.Array, labels: jax.Array, ref: Reference, *, margin,
                 return _merge_top1(state[0], new_sh), _merge_top1(state[1], new_far)
 
             (shv, shi), (farv, fari) = _sweep(sref, block, fn, None)
-        has_neg = farv > -jnp.inf
-        found_sh = shv > -jnp.inf
-        nidx = jnp.where(found_sh, shi, fari[:, None])
-        san = jnp.where(found_sh, shv, -farv[:, None])
-        pair = found & has_neg[:, None]
-        act = pair & (san - sap + margin > 0)
-        w = act.astype(q.dtype)
-        if single and qs.shape[1] >= DENSE_GRAD_DIM:
-            # d/ds_an = +1, d/ds_ap = -1 per active pair, as one coefficient tile: one more
-            # matmul, but no row scatter (which costs more than the matmul at large D).
-            coef = _one_hot_weights(cols, nidx, w) - _one_hot_weights(cols, pcols, w)
-            dq, dl = _tile_vjp(qs, sref.live, coef, slope, True, symmetric)
+            nidx, w, sums = choose(sap, shv, shi, farv, fari, found)
+        if dense_grad:
+            dq, dl = _weighted_vjp(qs, sref.live, per_row[2], euclidean, True, symmetric)
             dl = jnp.zeros_like(qs) if dl is None else dl
         else:
             dq_n, dl_n = _grad_pairs(qs, sref, nidx, w, distance)
             dq_p, dl_p = _grad_pairs(qs, sref, pcols, -w, distance)
             dq, dl = dq_n + dq_p, dl_n + dl_p
-        value, n, n_act, n_hard, s_ap, s_an, c_dq, c_dl = carry
-        return (value + jnp.sum(jnp.where(act, san - sap + margin, zero)),
-                n + _count(pair), n_act + _count(act), n_hard + _count(pair & (san > sap)),
-                s_ap + jnp.sum(jnp.where(pair, sap, zero)),
-                s_an + jnp.sum(jnp.where(pair, san, zero)),
-                c_dq + dq, c_dl + dl)
+        *totals, c_dq, c_dl = carry
+        return (*(a + b for a, b in zip(totals, sums)), c_dq + dq, c_dl + dl)
 
     izero = jnp.zeros((), jnp.int32)
     init = (zero, izero, izero, izero, zero, zero, jnp.zeros_like(qs),
@@ -607,7 +711,8 @@ def _batch_all_tile(v, neg, found, sap, margin):
 
 def batch_all_sums(q: jax.Array, labels: jax.Array, ref: Reference, *, margin,
                    distance: str, block_size: int | None = None,
-                   slots: int | None = None) -> HingeSums:
+                   slots: int | None = None,
+                   anchor_block: int | None = None) -> HingeSums:
     r"""Hinge over *every* triplet, streamed: :math:`\sum_{a,p,n} \max(0, s_{an} - s_{ap}
     + m)` (as :func:`hnm.losses.all_triplets_margin_sums`).
 
@@ -617,10 +722,12 @@ def batch_all_sums(q: jax.Array, labels: jax.Array, ref: Reference, *, margin,
     backward work is that of the dense matrix, in tiles; the positives get
     :math:`-\#\text{active}(a, p)`.
     """
-    slots, block, qs, sref, rid, single, symmetric = _setup(q, ref, block_size, slots)
+    slots, block, ab, qs, sref, rid, single, symmetric = _setup(q, ref, block_size, slots,
+                                                               anchor_block)
     margin = jnp.asarray(margin, q.dtype)
     zero = jnp.zeros((), q.dtype)
     live_rows = ref.live_rows
+    euclidean = distance not in ("cosine", "dot")
 
     def body(carry, pcols, found, chunk):
         first = chunk == 0  # per-anchor statistics over negatives: counted once
@@ -628,16 +735,11 @@ def batch_all_sums(q: jax.Array, labels: jax.Array, ref: Reference, *, margin,
         def fn(state, r, y, cols, live, sap):
             v, slope = _tile_and_slope(qs, r, distance)
             _, neg = _tile_masks(labels, y, rid, cols)
-            if sap is None:  # single tile: the positives' values are its entries
-                sap = jnp.take_along_axis(v, pcols, axis=1)
             coef, n_act, n_hard = _batch_all_tile(v, neg, found, sap, margin)
             value = jnp.sum(coef * v)
             s_neg = jnp.where(first, jnp.sum(jnp.where(neg, v, zero), axis=1), zero)
             n_neg = jnp.where(first, jnp.sum(neg, axis=1, dtype=jnp.int32), 0)
-            if single:  # fold the positives' coefficients into the one tile
-                coef = coef - _one_hot_weights(cols, pcols,
-                                               jnp.where(found, n_act, 0).astype(v.dtype))
-            dq, dr = _tile_vjp(qs, r, coef, slope, live, symmetric and live)
+            dq, dr = _tile_vjp(qs, r, coef, slope, live)
             new = [value, n_act, n_hard, s_neg, n_neg, dq]
             if state is None:
                 state = _vary([zero, jnp.zeros_like(n_act), jnp.zeros((), jnp.int32),
@@ -652,10 +754,27 @@ def batch_all_sums(q: jax.Array, labels: jax.Array, ref: Reference, *, margin,
                     dl, jax.lax.dynamic_slice_in_dim(dl, start, r.shape[0]) + dr, start, 0)
             return out + [dl, sap]
 
-        if single:
+        def one_tile(qb, lb, rb, pb, fb):
+            """A block of anchors against the whole batch: the positives' values are the
+            tile's entries and their coefficients are folded into the tile's."""
             cols = jnp.arange(ref.size, dtype=jnp.int32)
-            value, n_act, n_hard, s_neg, n_neg, dq, dl, sap = fn(
-                None, sref.live, sref.labels, cols, True, None)
+            v, slope = _tile_and_slope(qb, sref.live, distance)
+            _, neg = _tile_masks(lb, sref.labels, rb, cols)
+            sap = jnp.take_along_axis(v, pb, axis=1)
+            coef, n_act, n_hard = _batch_all_tile(v, neg, fb, sap, margin)
+            value = jnp.sum(coef * v)
+            s_neg = jnp.where(first, jnp.sum(jnp.where(neg, v, zero), axis=1), zero)
+            n_neg = jnp.where(first, jnp.sum(neg, axis=1, dtype=jnp.int32), 0)
+            coef = coef - _one_hot_weights(cols, pb, jnp.where(fb, n_act, 0).astype(v.dtype))
+            w = coef if slope is None else coef * slope
+            return (n_act, s_neg, n_neg, sap, w), (value, n_hard)
+
+        if single:
+            (n_act, s_neg, n_neg, sap, w), (value, n_hard) = _by_anchor_blocks(
+                one_tile, (qs, labels, rid, pcols, found), ab)
+            # One coefficient matrix for every block: one matmul (two across devices).
+            dq, dl = _weighted_vjp(qs, sref.live, w, euclidean, True, symmetric)
+            dl = jnp.zeros((live_rows, q.shape[1]), q.dtype) if dl is None else dl
         else:
             sap = pair_values(qs[:, None, :], sref.rows(pcols), distance)
             value, n_act, n_hard, s_neg, n_neg, dq, dl, _ = _sweep(

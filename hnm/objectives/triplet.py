@@ -14,9 +14,9 @@ each anchor's positives from sorted labels and sweep the reference set once per 
 positives with running semi-hard choices / running active-triplet counts and gradients.
 Option ``block_size`` (all six): ``0`` (default) picks the tile automatically
 (:func:`hnm.streaming.auto_block`): the whole reference set in one tile while anchors x
-reference rows is at most 2^20 values (per block of 256 anchors for the per-anchor
-objectives, so any plain batch is one tile for them; ``semihard`` / ``batch_all`` stream a
-batch above 1024), else tiles of about 2^20 values, e.g. against a cross-batch memory; the
+reference rows is at most 2^20 values, per block of anchors (so a plain batch is one tile
+per block; ``semihard`` / ``batch_all`` stream a batch above 8192), else tiles of about
+2^20 values, e.g. against a cross-batch memory; the
 peak temporary memory is O(A x block + M x D) whatever the memory size M. An int > 0 forces
 that many reference rows per tile. Loss and gradient equal the dense ones
 (``tests/test_streaming.py``).
