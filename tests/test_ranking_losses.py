@@ -503,7 +503,7 @@ def check_pmap(test, name, local=2):
 
 class CrossDeviceTest(parameterized.TestCase):
 
-    @parameterized.parameters("lifted_structure", "histogram")
+    @parameterized.parameters(("histogram",))  # lifted_structure: CrossDeviceSlowTest
     def test_pmap_equals_single_device(self, name):
         check_pmap(self, name)
 
@@ -511,7 +511,7 @@ class CrossDeviceTest(parameterized.TestCase):
 @pytest.mark.slow
 class CrossDeviceSlowTest(parameterized.TestCase):
 
-    @parameterized.parameters("circle", "generalized_lifted_structure", "n_pairs", "ntxent",
+    @parameterized.parameters("circle", "lifted_structure", "generalized_lifted_structure", "n_pairs", "ntxent",
                               "tuplet_margin", "fast_ap", "smooth_ap")
     def test_pmap_equals_single_device(self, name):
         check_pmap(self, name)
