@@ -262,6 +262,7 @@ class FilledMemoryTest(absltest.TestCase):
                     plain, _ = ref(*args[:2], args[2][:0], args[3][:0])
                     self.assertGreater(abs(plain - want), 1e-4)  # memory mattered
 
+    @pytest.mark.slow  # RingBufferTest.test_enqueue_passes_no_gradient checks it cheaply
     def test_no_gradient_flows_into_memory_rows(self):
         emb, labels, mem = _problem(4)
         for name in ("batch_hard", "supcon"):
