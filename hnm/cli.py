@@ -379,7 +379,10 @@ def _disk_full(e: BaseException) -> bool:
 
 
 def _fail(message: str, code: int) -> int:
-    print(f"hnm: error: {message}", file=sys.stderr, flush=True)
+    # One write of the whole line, newline included (print writes the newline separately):
+    # a background thread's output can come before or after it, never glued to it.
+    sys.stderr.write(f"hnm: error: {message}\n")
+    sys.stderr.flush()
     return code
 
 
