@@ -499,6 +499,19 @@ def batch_hard(embeddings: ArrayLike, labels: ArrayLike | None = None,
         loss, _common.triplet_aux(sim_ap, sim_an, per_triplet, t.valid, loss, axis_name), ref)
 
 
+def _hinge_sums(kind, embeddings, labels, normalize, axis_name, memory, pos_mask, neg_mask,
+                margin, distance, block_size):
+    """``(sums, ref)`` of the ``semihard`` / ``batch_all`` hinge: dense with custom masks,
+    else streamed over the reference rows (:mod:`hnm.streaming`)."""
+    if _custom(labels, pos_mask, neg_mask):
+        return _dense_hinge_sums(kind, embeddings, labels, normalize, axis_name, memory,
+                                 pos_mask, neg_mask, margin, distance)
+    emb, labels, ref = _prepare(embeddings, labels, normalize, axis_name, memory)
+    sums = {"semihard": streaming.semihard_sums, "batch_all": streaming.batch_all_sums}[kind]
+    return sums(emb, labels, ref, margin=margin, distance=distance,
+                block_size=_block(block_size)), ref
+
+
 def semihard(embeddings: ArrayLike, labels: ArrayLike | None = None,
              key: jax.Array | None = None, *, axis_name: str | None = None,
              memory: Memory | None = None, pos_mask: ArrayLike | None = None,
@@ -542,15 +555,8 @@ def semihard(embeddings: ArrayLike, labels: ArrayLike | None = None,
     """
     del key
     _check_metric_options(distance)
-    if _custom(labels, pos_mask, neg_mask):
-        st, ref = _dense_hinge_sums("semihard", embeddings, labels,
-                                    _normalizes(distance, normalize), axis_name, memory,
-                                    pos_mask, neg_mask, margin, distance)
-    else:
-        emb, labels, ref = _prepare(embeddings, labels, _normalizes(distance, normalize),
-                                    axis_name, memory)
-        st = streaming.semihard_sums(emb, labels, ref, margin=margin, distance=distance,
-                                     block_size=_block(block_size))
+    st, ref = _hinge_sums("semihard", embeddings, labels, _normalizes(distance, normalize),
+                          axis_name, memory, pos_mask, neg_mask, margin, distance, block_size)
     loss = distances.global_mean_of(st.loss_sum, st.num, axis_name)
     s = _common.global_stats(axis_name, n=st.num, hard=st.num_hard, ap=st.sum_ap,
                              an=st.sum_an, active=st.num_active, loss=loss)
@@ -602,15 +608,8 @@ def batch_all(embeddings: ArrayLike, labels: ArrayLike | None = None,
     """
     del key
     _check_metric_options(distance, reduction)
-    if _custom(labels, pos_mask, neg_mask):
-        at, ref = _dense_hinge_sums("batch_all", embeddings, labels,
-                                    _normalizes(distance, normalize), axis_name, memory,
-                                    pos_mask, neg_mask, margin, distance)
-    else:
-        emb, labels, ref = _prepare(embeddings, labels, _normalizes(distance, normalize),
-                                    axis_name, memory)
-        at = streaming.batch_all_sums(emb, labels, ref, margin=margin, distance=distance,
-                                      block_size=_block(block_size))
+    at, ref = _hinge_sums("batch_all", embeddings, labels, _normalizes(distance, normalize),
+                          axis_name, memory, pos_mask, neg_mask, margin, distance, block_size)
     count = at.num_active if reduction == "avg_nonzero" else at.num
     loss = distances.global_mean_of(at.loss_sum, count, axis_name)
     # Means over every triplet: s_ap repeats once per negative, s_an once per positive.
