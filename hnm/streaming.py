@@ -20,9 +20,14 @@ reference labels puts each class in a contiguous run of rows in column order, so
 positive of anchor a is ``order[lo[a] + k]`` (skipping a's own row): O(M log M) on labels
 only. They are handled in chunks of ``slots`` positives (a ``lax.while_loop`` whose trip
 count is the largest number of positives of an anchor divided by ``slots``, one on a P x K
-batch), each chunk one sweep over the reference blocks. ``epshn`` against a streamed
-reference set takes its easy positive from the same index (gathered rows), so that its
-semi-hard negative needs one sweep, not two.
+batch), each chunk one sweep over the reference blocks (``semihard``, ``batch_all``). The
+per-anchor rules take their positive from the same index, so that only the negative costs
+masked passes over the tiles (two: the max, then its first column): with one tile the
+positives' values are gathered from the tile, when streaming they are dot products of
+gathered rows (and EPSHN's semi-hard negative, which needs the final positive, still needs
+one sweep, not two). Measured against masked positive passes (fwd + bwd of ``ephn``, quiet
+machine): B = 1024, D = 64 2.4 -> 1.6 ms; B = 4096, D = 64 31.5 -> 19 ms; B = 1024,
+D = 512 7.6 -> 5.9 ms.
 
 Exactness. Ties go to the first column, as in :mod:`hnm.miners` (a later block replaces the
 running best only when strictly better, and inside a block the first maximal column wins);
@@ -30,10 +35,9 @@ the duplicate threshold, the semi-hard rule and the validity rules are those of 
 miners. Each tile is computed with the same formula as the dense matrix (``e @ r.T``, the
 expanded squared distance), so the choices agree with the dense path on the same values.
 When the whole reference set is one tile (a batch without memory, the default up to
-2^20 anchor x reference values) ``semihard`` / ``batch_all`` read the positives'
-similarities from the tile itself, so every comparison is the dense one. When streaming,
-those similarities (and ``epshn``'s positive) are dot products of gathered rows, not matrix
-entries, so a positive and a negative whose similarities differ only in the last bit of a
+2^20 anchor x reference values) every rule reads the positives' similarities from the tile
+itself, so every comparison is the dense one. When streaming, those similarities are dot
+products of gathered rows, not matrix entries, so a positive and a negative whose similarities differ only in the last bit of a
 float32 matmul could be ordered differently (exactly equal rows still tie).
 
 Speed (XLA:CPU, ``experiments/bench_losses.py``): every reduction over a tile reads a
@@ -56,7 +60,7 @@ Block size (``block_size`` option of the objectives; 0 there means ``None`` here
 picks :func:`auto_block`, which keeps the whole reference set in one tile while ``A·M`` is
 at most :data:`DENSE_ELEMENTS` values and streams in tiles of about :data:`DENSE_ELEMENTS`
 values beyond that. The per-anchor rules and, on a batch, ``semihard`` / ``batch_all`` run
-the one-tile case in blocks of anchors (``lax.map``; :data:`ANCHOR_TILE`,
+the one-tile case in blocks of anchors (``lax.map``; :data:`ANCHOR_TILE`, :data:`HINGE_TILE`,
 :data:`HINGE_MIN_ANCHOR_BLOCK`), each against the whole reference set, so that a block's tile
 stays in cache through its masked passes; the per-anchor rules do so while the reference
 rows fit in cache (:data:`REF_CACHED`), and otherwise stream all anchors against blocks of
@@ -78,11 +82,12 @@ from hnm import memory as memory_lib
 # 32 MiB L3), measured fastest at B = 1024..4096 (experiments/bench_losses.py).
 DENSE_ELEMENTS = 1 << 20
 # Anchor x reference values per tile of the per-anchor miners (lax.map over blocks of
-# ANCHOR_TILE // M anchors, at least 64): 2^18 float32 is 1 MiB, inside one core's 2 MiB L2.
-# Measured (fwd + bwd, x the limit): B = 512 as one block 0.44x vs 0.51x in blocks of 256
-# (D = 512); B = 4096, D = 64: blocks of 64 / 128 0.34-0.40x vs 256 0.37-0.49x; the whole
-# batch at once was 5x slower at B = 2048 (a 16 MiB matrix falls out of cache).
-ANCHOR_TILE = 1 << 18
+# ANCHOR_TILE // M anchors, at least 64): 2^20 float32 is 4 MiB. With the positives gathered
+# (two masked passes per tile, not four) larger tiles won, the matmul being more efficient:
+# ephn fwd + bwd on a quiet machine, tiles of 2^18 / 2^19 / 2^20 / 2^21 values: B = 1024,
+# D = 64 2.17 / 1.88 / 1.58 / 1.75 ms; B = 4096, D = 64 26.3 / 21.4 / 19.1 / 27.4 ms;
+# B = 1024, D = 512 6.7 / 6.0 / 5.9 / 6.0 ms.
+ANCHOR_TILE = 1 << 20
 MIN_ANCHOR_BLOCK = 64
 # ... but only while the reference rows (M x D) stay in the L3 cache (2^21 float32: 8 MiB);
 # beyond, all anchors against streamed blocks of reference rows (the memory read once).
@@ -93,12 +98,15 @@ REF_CACHED = 1 << 21
 DENSE_GRAD_DIM = 256
 # semihard / batch_all on a batch: the single-tile path in blocks of anchors (lax.map, each
 # block against the whole batch, so that the slot passes over a block's tile stay in cache),
-# of ANCHOR_TILE // M anchors but at least HINGE_MIN_ANCHOR_BLOCK; the coefficient blocks
+# of HINGE_TILE // M anchors but at least HINGE_MIN_ANCHOR_BLOCK; the coefficient blocks
 # are assembled into one A x M matrix for the gradient (one matmul by w + w.T). Measured
 # (x the limit, loaded machine): B = 512 as one block 1.22x / 0.93x (batch_all, D = 64 /
 # 512) vs 1.33x / 1.01x in blocks of 256; B = 1024, 2048: blocks of 128 and 256 equal,
 # 64 slower (semihard 1.44x vs 1.0x); the whole batch as one tile at B = 2048 3.5x slower.
 HINGE_MIN_ANCHOR_BLOCK = 128
+# Anchor x reference values per such block: 2^19 was 2-9% faster than 2^18 (quiet machine, semihard /
+# batch_all at B = 1024, 2048), 2^20 up to 2x slower.
+HINGE_TILE = 1 << 19
 SLOTS = 4          # positive slots per sweep without a memory (P x K batches: K - 1 = 3)
 SLOTS_MEMORY = 8   # with a memory: batch positives plus a few from past batches
 _BIG = int(jnp.iinfo(jnp.int32).max)
@@ -380,10 +388,10 @@ def mine_per_anchor(q: jax.Array, labels: jax.Array, ref: Reference, rule: str, 
     The mining values are cosines (``distance="cosine"``) or ``-d^2`` for the Euclidean
     distances (monotone in the distance, as the dense objectives mine).
 
-    Cost: one A x M x D matmul in tiles; with one tile (the default for a batch), each
-    anchor block's tile is reduced while in cache; with several tiles, a running top-1.
-    EPSHN over several tiles first finds its positive from the label index (gathered rows:
-    its negative depends on the final positive), then sweeps once.
+    Cost: one A x M x D matmul in tiles plus two masked passes over them (the negative's
+    max and first column); the positive comes from the label index (gathered from the tile
+    with one tile, the default for a batch, whose anchor blocks are reduced while in cache;
+    from gathered rows when streaming, with a running top-1 for the negative).
     """
     if rule not in RULES:
         raise ValueError(f"unknown mining `rule`={rule!r}; expected one of {RULES}.")
@@ -408,58 +416,81 @@ def mine_per_anchor(q: jax.Array, labels: jax.Array, ref: Reference, rule: str, 
                             ref.labels, ref.query_offset)
     thr = duplicate_threshold
 
-    def select(qb, ql, rid, r, y, cols, phase, sim_ap=None):
+    def negatives(qb, ql, rid, r, y, cols, sim_ap):
+        """A tile's running-top-1 candidate negative per anchor (semi-hard: not more similar
+        than ``sim_ap``, the final positive's value)."""
         m = tile_values(qb, r, distance, squared_mining=True)
-        pos, neg = _tile_masks(ql, y, rid, cols)
-        out = {}
-        if phase in (0, 2):  # positives (phase 2: positives only)
+        _, neg = _tile_masks(ql, y, rid, cols)
+        if sim_ap is not None:
+            neg = neg & (m <= sim_ap[:, None])
+        return _top1(jnp.where(neg, m, -jnp.inf), cols)
+
+    def block_of_anchors(qb, ql, rid, lo, count, self_rank):
+        if one_tile:
+            return _one_tile_block(qb, ql, rid, (order, lo, count, self_rank))
+
+        # The positive from the label index (gathered rows: no masked pass over the tiles),
+        # then one sweep for the negatives (EPSHN's semi-hard one needs the final positive).
+        pv, pi = _gathered_positives(qb, ql, stopped, distance, rule, thr)
+        sim_ap = pv if rule == "easy_semihard" else None
+
+        def fn(state, r, y, cols, _live):
+            new = negatives(qb, ql, rid, r, y, cols, sim_ap)
+            return new if state is None else _merge_top1(state, new)
+        nv, ni = _sweep(stopped, block, fn, None)
+        found = (pv > -jnp.inf) & (nv > -jnp.inf)
+        pv = -pv if rule == "hardest" else pv
+        return pi, ni, pv, nv, found
+
+    def _one_tile_block(qb, ql, rid, index):
+        """A block of anchors against the whole (single-segment) reference set in one tile:
+        the positives' values are *gathered from the tile* at the label index's columns
+        (O(A P), no masked pass), so only the negatives take masked reductions over the
+        tile (two: the max, then its first column). Every value is a tile entry, so every
+        comparison is the dense path's."""
+        r = stopped.live
+        cols = jnp.arange(ref.size, dtype=jnp.int32)
+        m = tile_values(qb, r, distance, squared_mining=True)
+
+        def chunk(carry, pcols, pfound, _c):
+            pv = jnp.take_along_axis(m, pcols, axis=1)
             if rule == "hardest":
-                out["p"] = _top1(jnp.where(pos, -m, -jnp.inf), cols)
+                key = jnp.where(pfound, -pv, -jnp.inf)
             else:  # near-duplicates (S > tau) are skipped
-                out["p"] = _top1(jnp.where(pos & (m <= thr), m, -jnp.inf), cols)
-        if phase == 2:
-            return out
-        if rule != "easy_semihard":
-            out["n"] = _top1(jnp.where(neg, m, -jnp.inf), cols)
-        else:
-            if sim_ap is None:  # one tile: this tile's positive is final
-                sim_ap = out["p"][0]
-            out["n"] = _top1(jnp.where(neg & (m <= sim_ap[:, None]), m, -jnp.inf), cols)
-        return out
+                key = jnp.where(pfound & (pv <= thr), pv, -jnp.inf)
+            return _merge_first(carry, _top1(key, pcols))
 
-    def block_of_anchors(qb, ql, rid):
-        def fold(phase, sim_ap=None):
-            def fn(state, r, y, cols, _live):
-                new = select(qb, ql, rid, r, y, cols, phase, sim_ap)
-                if state is None:
-                    return new
-                return {k: _merge_top1(state[k], new[k]) for k in new}
-            return _sweep(stopped, block, fn, None)
-
-        if one_tile or rule != "easy_semihard":
-            res = fold(0)
-        else:
-            # The semi-hard negative needs the final positive: found first from the label
-            # index (gathered rows, no sweep), then one sweep for the negatives.
-            res = {"p": _easy_positives(qb, ql, stopped, distance, thr)}
-            res.update(fold(1, res["p"][0]))
-        (pv, pi), (nv, ni) = res["p"], res["n"]
+        init = (jnp.full(qb.shape[:1], -jnp.inf, qb.dtype),
+                jnp.zeros(qb.shape[:1], jnp.int32))
+        pv, pi = _index_chunks(index, SLOTS, chunk, init, qb)
+        _, neg = _tile_masks(ql, stopped.labels, rid, cols)
+        if rule == "easy_semihard":
+            neg = neg & (m <= pv[:, None])
+        nv, ni = _top1(jnp.where(neg, m, -jnp.inf), cols)
         found = (pv > -jnp.inf) & (nv > -jnp.inf)
         pv = -pv if rule == "hardest" else pv
         return pi, ni, pv, nv, found
 
     rid = jnp.arange(num, dtype=jnp.int32) + ref.query_offset
+    if one_tile:
+        order, lo, count, self_rank = _positive_index(labels, stopped)
+    else:  # unused placeholders of the same shapes
+        order = None
+        lo = count = self_rank = jnp.zeros((num,), jnp.int32)
     if ab >= num:
-        out = block_of_anchors(q, labels, rid)
+        out = block_of_anchors(q, labels, rid, lo, count, self_rank)
     else:
         nblk = -(-num // ab)
         pad = nblk * ab - num
-        qp = jnp.pad(q, ((0, pad), (0, 0)))
-        lp = jnp.pad(labels, (0, pad))
-        rp = jnp.pad(rid, (0, pad), constant_values=-1)
+
+        def split(x, fill=0):
+            x = jnp.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1), constant_values=fill)
+            return x.reshape((nblk, ab) + x.shape[1:])
+        # Padded anchors: row id -1 and no positives (count 0); their outputs are dropped.
         out = jax.lax.map(
             lambda x: block_of_anchors(*x),
-            (qp.reshape(nblk, ab, -1), lp.reshape(nblk, ab), rp.reshape(nblk, ab)))
+            (split(q), split(labels), split(rid, -1), split(lo), split(count),
+             split(self_rank, _BIG)))
         out = tuple(o.reshape(-1)[:num] for o in out)
     pi, ni, pv, nv, found = out
     return PerAnchor(pi, ni, pv, nv, found)
@@ -501,17 +532,44 @@ def _slots(index, first: jax.Array, num_slots: int):
     return cols, k < count[:, None]
 
 
-def _easy_positives(q, labels, ref, distance, thr, slots=SLOTS_MEMORY):
-    """Each anchor's easy positive (the largest mining value <= ``thr``, first column on
-    ties) and its value, from the positives of the label index in chunks of ``slots``
-    (:func:`_chunks`): O(A P D) for P positives per anchor instead of a sweep over the
-    reference set. The values are dot products of gathered rows (see "Exactness")."""
+def _merge_first(old, new):
+    """Running top-1 that is independent of the order of the chunks: the larger value, the
+    smaller column on ties."""
+    take = (new[0] > old[0]) | ((new[0] == old[0]) & (new[1] < old[1]))
+    return jnp.where(take, new[0], old[0]), jnp.where(take, new[1], old[1])
+
+
+def _index_chunks(index, slots, body, init, like):
+    """``body(carry, cols, found, chunk) -> carry`` over the positives of ``index`` in chunks
+    of ``slots``: chunk 0 straight-line (a P x K batch needs no loop), the rest in a
+    ``lax.while_loop`` whose trip count is ceil(max positives / slots)."""
+    num_chunks = (jnp.max(index[2], initial=0) + slots - 1) // slots
+
+    def step(state):
+        c, carry = state
+        cols, found = _slots(index, c * slots, slots)
+        return c + 1, body(carry, cols, found, c)
+
+    cols, found = _slots(index, jnp.zeros((), jnp.int32), slots)
+    state = _vary((jnp.ones((), jnp.int32), init), like)
+    state = (state[0], body(state[1], cols, found, jnp.zeros((), jnp.int32)))
+    return jax.lax.while_loop(lambda s: s[0] < num_chunks, step, state)[1]
+
+
+def _gathered_positives(q, labels, ref, distance, rule, thr, slots=SLOTS_MEMORY):
+    """Each anchor's positive by ``rule`` from the positives of the label index in chunks of
+    ``slots`` (:func:`_chunks`), as ``(key, column)``: the key is the mining value (``-`` it
+    for ``"hardest"``, whose positive is the least similar), the column the first on ties;
+    near-duplicates (value > ``thr``) are skipped except by ``"hardest"``. O(A P D) for P
+    positives per anchor instead of masked passes over every tile of the reference set.
+    The values are dot products of gathered rows (see "Exactness")."""
     kind = "dot" if distance in ("cosine", "dot") else "squared_euclidean"
 
     def body(carry, cols, found, _chunk):
         m = pair_values(q[:, None, :], ref.rows(cols), kind)
-        new = _top1(jnp.where(found & (m <= thr), m, -jnp.inf), cols)
-        return _merge_top1(carry, new)
+        key = (jnp.where(found, -m, -jnp.inf) if rule == "hardest"
+               else jnp.where(found & (m <= thr), m, -jnp.inf))
+        return _merge_top1(carry, _top1(key, cols))
 
     init = (jnp.full(q.shape[:1], -jnp.inf, q.dtype), jnp.zeros(q.shape[:1], jnp.int32))
     return _chunks(q, labels, ref, slots, body, init)
@@ -526,22 +584,8 @@ def _vary(tree, like):
 
 
 def _chunks(q, labels, ref, slots, body, init):
-    """``lax.while_loop`` over chunks of ``slots`` positives: ``body(carry, cols, found,
-    chunk) -> carry``; the trip count is ceil(max positives / slots)."""
-    index = _positive_index(labels, ref)
-    num_chunks = (jnp.max(index[2], initial=0) + slots - 1) // slots
-
-    def step(state):
-        c, carry = state
-        cols, found = _slots(index, c * slots, slots)
-        return c + 1, body(carry, cols, found, c)
-
-    # Chunk 0 outside the loop (always run; with no positives it adds nothing): a P x K
-    # batch needs no loop at all, and XLA:CPU optimises straight-line code better.
-    state = _vary((jnp.ones((), jnp.int32), init), q)
-    cols, found = _slots(index, jnp.zeros((), jnp.int32), slots)
-    state = (state[0], body(state[1], cols, found, jnp.zeros((), jnp.int32)))
-    return jax.lax.while_loop(lambda s: s[0] < num_chunks, step, state)[1]
+    """:func:`_index_chunks` over the positives of ``labels`` in ``ref``."""
+    return _index_chunks(_positive_index(labels, ref), slots, body, init, q)
 
 
 def _grad_pairs(q, ref, cols, weight, distance):
@@ -573,7 +617,7 @@ class HingeSums(NamedTuple):
 def _setup(q, ref, block_size, slots, anchor_block):
     slots = slots or (SLOTS if ref.mem is None else SLOTS_MEMORY)
     if anchor_block is None:
-        anchor_block = max(HINGE_MIN_ANCHOR_BLOCK, ANCHOR_TILE // ref.size)
+        anchor_block = max(HINGE_MIN_ANCHOR_BLOCK, HINGE_TILE // ref.size)
     # Automatic: one tile per block of anchors up to 2^20 values. A whole B = 2048 batch as
     # one 16 MiB tile was measured slower (semihard 4.9x, batch_all 13.7x the limit) than
     # tiles of 512 rows (3.0x, 9.2x): its many passes fall out of cache.

@@ -86,11 +86,12 @@ def test_ties_go_to_the_first_column_across_blocks():
                        [0.8, 0.6]])
     labels = jnp.asarray([0, 1, 0, 2, 1, 0], jnp.int32)
     t = miners.mine_easy_positive_hard_negative(emb @ emb.T, labels)
-    for block in (2,):
+    for block in (2, None):  # streamed in blocks of 2, and one tile (gathered positives)
         got = jax.jit(lambda e, block=block: streaming.mine_per_anchor(
             e, labels, streaming.Reference(e, labels, 0), "easy_hard", block_size=block))(emb)
         assert got.negative.tolist() == t.negative.tolist()
         assert got.negative[0].item() == 1  # 1 and 4 tie: the first
+        assert got.positive.tolist() == t.positive.tolist()
 
 
 # ---------------------------------------------------------------------------------------------
