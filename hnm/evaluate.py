@@ -7,12 +7,12 @@ goes straight to the blocked exact search (:func:`hnm.metrics.retrieval_metrics`
 collapse diagnostics, which all take device arrays. Only labels and masks (host data to begin
 with) stay on the host.
 
-In a multi-process job with the ``mesh`` backend each process embeds only its share of every
-evaluation batch (the global batch's rows ``[p B / P, (p + 1) B / P)``, so the concatenation in
-process order is the one-process order), and the global embedding array is gathered onto every
-device with one on-device collective: every process then searches all of them, and all
-processes compute the same metrics as one process would. With ``pmap`` every process embeds
-the whole set on its own devices (pmap's embedding step has no cross-process output).
+In a multi-process job each process embeds only its share of every evaluation batch (the
+global batch's rows ``[p B / P, (p + 1) B / P)``, so the concatenation in process order is the
+one-process order), and the embeddings are gathered onto every device by an on-device
+collective (``mesh``: the jitted concatenation of the global array with a replicated output;
+``pmap``: a pmapped ``all_gather`` of each batch over every device of the job): every process
+then searches all of them, and all processes compute the same metrics as one process would.
 
 Protocols: one set named ``test`` is leave-one-out retrieval over it (CUB, Cars, SOP); sets
 ``query`` and ``gallery`` rank query against gallery (In-Shop).
@@ -41,7 +41,7 @@ def _as_layout(layout: parallel.Layout | int) -> parallel.Layout:
 
 def _global_batch(layout: parallel.Layout, batch_size: int) -> int:
     """The evaluation batch rounded up to a multiple of the devices it is spread over."""
-    n = layout.num_local_devices * (jax.process_count() if layout.backend == "mesh" else 1)
+    n = layout.num_local_devices * jax.process_count()
     return -(-int(batch_size) // n) * n
 
 
@@ -60,12 +60,13 @@ def embed_dataset(state, eval_set, batch_size: int, embed_fn: Callable | None,
       progress: a terminal progress bar.
 
     Returns:
-      ``(embeddings, labels)``: a float32 device array [N, D] (fully replicated in a
-      multi-process mesh job) and int labels [N] on the host.
+      ``(embeddings, labels)``: a float32 device array [N, D] (every process holds all of
+      them, on its first device) and int labels [N] on the host.
     """
     layout = _as_layout(layout)
     embed_fn = layout.make_embed_step() if embed_fn is None else embed_fn
-    split = layout.backend == "mesh" and jax.process_count() > 1
+    split = jax.process_count() > 1
+    gather = _pmap_gather(layout) if split and layout.backend == "pmap" else None
     pi, pc = jax.process_index(), jax.process_count()
     embs, labels, masks = [], [], []
     batches: Iterable = eval_set.batches(batch_size)
@@ -77,11 +78,23 @@ def embed_dataset(state, eval_set, batch_size: int, embed_fn: Callable | None,
         images = np.asarray(batch["images"])
         if split:  # this process's contiguous share of the global batch
             images = images.reshape(pc, -1, *images.shape[1:])[pi]
-        embs.append(parallel.rows(embed_fn(state, layout.shard_batch({"x": images})["x"])))
+        emb = embed_fn(state, layout.shard_batch({"x": images})["x"])
+        if gather is not None:  # every process's rows of this batch, on each local device
+            emb = gather(emb).addressable_data(0)
+        embs.append(parallel.rows(emb))
         labels.append(np.asarray(batch["labels"]))
         masks.append(np.asarray(batch["mask"], bool))
     keep = np.flatnonzero(np.concatenate(masks))
     return _gather_rows(embs, keep, layout), np.concatenate(labels)[keep]
+
+
+def _pmap_gather(layout: parallel.Layout) -> Callable:
+    """pmap's ``[local devices, b, D]`` embeddings of one batch -> ``[local devices,
+    job devices x b, D]``: each device gets the rows of every device of the job, in device
+    order (process-major, as the batch was split), with one on-device ``all_gather``."""
+    devices = None if layout.devices is None else list(layout.devices)
+    return jax.pmap(lambda x: jax.lax.all_gather(x, parallel.AXIS, tiled=True),
+                    axis_name=parallel.AXIS, devices=devices)
 
 
 def _gather_rows(embs: list, keep: np.ndarray, layout: parallel.Layout) -> jax.Array:

@@ -1,6 +1,6 @@
 """Two processes x 2 devices (jax.distributed on localhost, CPU collectives) train exactly like
 one process with 4 devices, with either backend (pmap, mesh): same losses at every step, same
-final parameters, same evaluation (with the mesh backend each process embeds only its share
+final parameters, same evaluation (with either backend each process embeds only its share
 of the evaluation set and the search spans all of them)."""
 import json
 import os
