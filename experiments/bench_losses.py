@@ -74,12 +74,14 @@ PML_LOSSES = {
     "multi_similarity": ("MultiSimilarityLoss", dict(alpha=2.0, beta=50.0, base=0.5), False),
     "supcon": ("SupConLoss", dict(temperature=0.1), False),
     "circle": ("CircleLoss", dict(m=0.4, gamma=80.0), False),
-    "lifted_structure": ("LiftedStructureLoss", dict(pos_margin=0.0, neg_margin=1.0), False),
+    "lifted_structure": ("LiftedStructureLoss", dict(pos_margin=0.0, neg_margin=1.0),
+                         "quartic"),  # 25 s at B = 512, several B^3 tensors
     "generalized_lifted_structure": ("GeneralizedLiftedStructureLoss",
                                      dict(pos_margin=0.0, neg_margin=1.0), False),
     "n_pairs": ("NPairsLoss", {}, False),
-    "ntxent": ("NTXentLoss", dict(temperature=0.07), False),
-    "tuplet_margin": ("TupletMarginLoss", dict(margin=5.73, scale=64.0), False),
+    "ntxent": ("NTXentLoss", dict(temperature=0.07), "quartic"),  # 15 s at B = 512
+    "tuplet_margin": ("TupletMarginLoss", dict(margin=5.73, scale=64.0),
+                      "quartic"),  # 21 s at B = 512
     "fast_ap": ("FastAPLoss", dict(num_bins=10), False),
     "histogram": ("HistogramLoss", dict(n_bins=100), "quartic"),  # pairs x bins, OOM at 1024
     "smooth_ap": ("SmoothAPLoss", dict(temperature=0.01), "quartic"),  # B^3 floats

@@ -103,6 +103,24 @@ class KnnTest(parameterized.TestCase):
             search.knn(np.ones((3, 2), np.int32), None, 1)
 
 
+class ChunkedTopKTest(parameterized.TestCase):
+    """``search.chunked_top_k`` against a NumPy stable sort (value descending, then index)."""
+
+    @parameterized.parameters((9, 7504), (9, 7680), (1, 640), (4, 1024), (9, 100))
+    def test_equals_a_stable_sort_with_ties_and_minus_inf(self, k, n):
+        rng = np.random.default_rng(k * n)
+        x = np.round(rng.normal(size=(40, n)) * 8) / 8          # many exact ties
+        x[3] = 1.0                                               # a row of one value
+        x[5] = -np.inf
+        x[5, [7, n - 1]] = 2.0                                   # fewer finite than k
+        x[6, n // 2:] = x[6].max() + 1                           # the top in the last half
+        x = x.astype(np.float32)
+        values, idx = jax.jit(lambda a: search.chunked_top_k(a, k))(x)
+        order = np.lexsort((np.broadcast_to(np.arange(n), x.shape), -x), axis=1)[:, :k]
+        np.testing.assert_array_equal(np.asarray(idx), order)
+        np.testing.assert_array_equal(np.asarray(values), np.take_along_axis(x, order, 1))
+
+
 class IndexTest(parameterized.TestCase):
 
     def test_add_search_save_load_round_trip(self):
