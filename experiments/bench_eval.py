@@ -15,10 +15,10 @@ It then times the public search alone, ``hnm.search.knn`` (top-k, self excluded)
 exact and the faiss backends (target: within 1e-4).
 
 Prints the warm times (compilation reported separately), their ratio (target: hnm within
-1.0x of faiss, issue 13) and the peak extra host memory of hnm's evaluation (target < 1 GiB), measured
-as the rise of the process's resident-set high-water mark (``/proc/self/clear_refs`` resets
-it first; ``ru_maxrss`` where that is unavailable), next to the compiled block function's own
-scratch memory from XLA's ``memory_analysis``.
+1.0x of faiss, issue 13) and the peak extra host memory of hnm's evaluation (target
+< 1 GiB), measured as the rise of the process's resident-set high-water mark
+(``/proc/self/clear_refs`` resets it first; ``ru_maxrss`` where that is unavailable), next
+to the compiled block function's own scratch memory from XLA's ``memory_analysis``.
 """
 from __future__ import annotations
 

@@ -37,8 +37,9 @@ expanded squared distance), so the choices agree with the dense path on the same
 When the whole reference set is one tile (a batch without memory, the default up to
 2^20 anchor x reference values) every rule reads the positives' similarities from the tile
 itself, so every comparison is the dense one. When streaming, those similarities are dot
-products of gathered rows, not matrix entries, so a positive and a negative whose similarities differ only in the last bit of a
-float32 matmul could be ordered differently (exactly equal rows still tie).
+products of gathered rows, not matrix entries, so a positive and a negative whose
+similarities differ only in the last bit of a float32 matmul could be ordered differently
+(exactly equal rows still tie).
 
 Speed (XLA:CPU, ``experiments/bench_losses.py``): every reduction over a tile reads a
 materialised copy of its masked input, so the cost of a tile is its number of masked
@@ -104,8 +105,8 @@ DENSE_GRAD_DIM = 256
 # 512) vs 1.33x / 1.01x in blocks of 256; B = 1024, 2048: blocks of 128 and 256 equal,
 # 64 slower (semihard 1.44x vs 1.0x); the whole batch as one tile at B = 2048 3.5x slower.
 HINGE_MIN_ANCHOR_BLOCK = 128
-# Anchor x reference values per such block: 2^19 was 2-9% faster than 2^18 (quiet machine, semihard /
-# batch_all at B = 1024, 2048), 2^20 up to 2x slower.
+# Anchor x reference values per such block: 2^19 was 2-9% faster than 2^18 (quiet machine,
+# semihard / batch_all at B = 1024, 2048), 2^20 up to 2x slower.
 HINGE_TILE = 1 << 19
 SLOTS = 4          # positive slots per sweep without a memory (P x K batches: K - 1 = 3)
 SLOTS_MEMORY = 8   # with a memory: batch positives plus a few from past batches
