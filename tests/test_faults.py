@@ -99,11 +99,15 @@ def test_kills_at_random_points_across_checkpoint_writes(reference, tmp_path):
     while kills < 6:
         proc = _start(wd)
         step = _wait_for_step(wd, proc, last)
+        t0 = time.time()
+        if step is not None:
+            step = _wait_for_step(wd, proc, step)
         if step is None:  # finished before the kill: the schedule was too late
             break
-        # A random moment after a step directory appeared: during the next step's write,
-        # its manifest, a log row, or the steps between.
-        time.sleep(float(rng.uniform(0.0, 1.5)))
+        # A random moment within one checkpoint interval (as measured just now, so that a
+        # fast machine does not finish the run before the sixth kill): during the next
+        # step's write, its manifest, a log row, or the steps between.
+        time.sleep(float(rng.uniform(0.0, time.time() - t0)))
         proc.send_signal(signal.SIGKILL)
         proc.communicate()
         kills += 1
