@@ -19,6 +19,7 @@ Protocols: one set named ``test`` is leave-one-out retrieval over it (CUB, Cars,
 """
 from __future__ import annotations
 
+import sys
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import jax
@@ -46,8 +47,8 @@ def _global_batch(layout: parallel.Layout, batch_size: int) -> int:
 
 
 def embed_dataset(state, eval_set, batch_size: int, embed_fn: Callable | None,
-                  layout: parallel.Layout | int, progress: bool = False
-                  ) -> tuple[jax.Array, np.ndarray]:
+                  layout: parallel.Layout | int, progress: bool = False,
+                  counts: dict | None = None) -> tuple[jax.Array, np.ndarray]:
     """Embeds every example of ``eval_set``; padded rows (``mask`` False) are dropped.
 
     Args:
@@ -58,6 +59,8 @@ def embed_dataset(state, eval_set, batch_size: int, embed_fn: Callable | None,
       embed_fn: ``layout.make_embed_step()`` (None: made here).
       layout: a :class:`~hnm.parallel.Layout` or a local device count (pmap).
       progress: a terminal progress bar.
+      counts: if given, ``counts["here"]`` / ``counts["all"]`` are increased by the rows
+        (padding included) this process embedded / the global batches held.
 
     Returns:
       ``(embeddings, labels)``: a float32 device array [N, D] (every process holds all of
@@ -76,12 +79,16 @@ def embed_dataset(state, eval_set, batch_size: int, embed_fn: Callable | None,
                        leave=False, dynamic_ncols=True)
     for batch in batches:
         images = np.asarray(batch["images"])
+        total = images.shape[0]
         if split:  # this process's contiguous share of the global batch
             images = images.reshape(pc, -1, *images.shape[1:])[pi]
         emb = embed_fn(state, layout.shard_batch({"x": images})["x"])
         if gather is not None:  # every process's rows of this batch, on each local device
             emb = gather(emb).addressable_data(0)
         embs.append(parallel.rows(emb))
+        if counts is not None:
+            counts["here"] = counts.get("here", 0) + images.shape[0]
+            counts["all"] = counts.get("all", 0) + total
         labels.append(np.asarray(batch["labels"]))
         masks.append(np.asarray(batch["mask"], bool))
     keep = np.flatnonzero(np.concatenate(masks))
@@ -148,8 +155,13 @@ def evaluate(state, eval_sets: Mapping[str, Any], eval_cfg: Mapping[str, Any],
     layout = _as_layout(layout)
     embed_fn = layout.make_embed_step() if embed_fn is None else embed_fn
     bs = _global_batch(layout, eval_cfg.get("batch_size", 256))
-    emb = {name: embed_dataset(state, s, bs, embed_fn, layout, progress)
+    counts: dict = {}
+    emb = {name: embed_dataset(state, s, bs, embed_fn, layout, progress, counts)
            for name, s in eval_sets.items()}
+    if jax.process_count() > 1:  # each process embeds only its share: say so
+        print(f"hnm: eval: process {jax.process_index() + 1} of {jax.process_count()} "
+              f"embedded {counts['here']} of {counts['all']} rows", file=sys.stderr,
+              flush=True)
     # The blocked search deals its query blocks over this process's devices (device-to-device
     # copies of the embeddings; none goes through the host).
     out = score(emb, eval_cfg, list(layout.local_devices))

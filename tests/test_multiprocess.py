@@ -4,6 +4,7 @@ final parameters, same evaluation (with either backend each process embeds only 
 of the evaluation set and the search spans all of them)."""
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -79,6 +80,15 @@ def _eval(workdir):
         return json.load(f)
 
 
+def _assert_half_embedded(outs):
+    """Each process says it embedded half of the evaluation rows (its share)."""
+    for i, out in enumerate(outs):
+        m = re.search(rf"eval: process {i + 1} of 2 embedded (\d+) of (\d+) rows", out)
+        assert m, out[-3000:]
+        here, total = int(m.group(1)), int(m.group(2))
+        assert total > 0 and 2 * here == total, (here, total)
+
+
 @pytest.mark.slow
 class MultiProcessTest(absltest.TestCase):
 
@@ -101,6 +111,7 @@ class MultiProcessTest(absltest.TestCase):
             self.assertEqual(p.returncode, 0, out[-3000:])
         self.assertIn("process 1 of 2", outs[0])
         self.assertIn("| recall@1 |", outs[0])       # only process 0 prints the table
+        _assert_half_embedded(outs)
 
         # The mesh backend (jit + shard_map over the 4 devices of both processes).
         mesh = os.path.join(tmp, "mesh")
@@ -108,6 +119,7 @@ class MultiProcessTest(absltest.TestCase):
         outs = [p.communicate(timeout=300)[0] for p in procs]
         for p, out in zip(procs, outs):
             self.assertEqual(p.returncode, 0, out[-3000:])
+        _assert_half_embedded(outs)
 
         l1 = _losses(one)
         self.assertGreater(len(l1), 2)
