@@ -459,7 +459,9 @@ def mine_per_anchor(q: jax.Array, labels: jax.Array, ref: Reference, rule: str, 
                 key = jnp.where(pfound, -pv, -jnp.inf)
             else:  # near-duplicates (S > tau) are skipped
                 key = jnp.where(pfound & (pv <= thr), pv, -jnp.inf)
-            return _merge_first(carry, _top1(key, pcols))
+            # Chunks come in column order (the label index is a stable sort), so the
+            # strictly-better running top-1 keeps the first column on ties.
+            return _merge_top1(carry, _top1(key, pcols))
 
         init = (jnp.full(qb.shape[:1], -jnp.inf, qb.dtype),
                 jnp.zeros(qb.shape[:1], jnp.int32))
@@ -531,13 +533,6 @@ def _slots(index, first: jax.Array, num_slots: int):
     r = r + (r >= self_rank[:, None]).astype(jnp.int32)  # skip the anchor's own row
     cols = order[jnp.clip(r, 0, order.shape[0] - 1)]
     return cols, k < count[:, None]
-
-
-def _merge_first(old, new):
-    """Running top-1 that is independent of the order of the chunks: the larger value, the
-    smaller column on ties."""
-    take = (new[0] > old[0]) | ((new[0] == old[0]) & (new[1] < old[1]))
-    return jnp.where(take, new[0], old[0]), jnp.where(take, new[1], old[1])
 
 
 def _index_chunks(index, slots, body, init, like):
